@@ -1,0 +1,221 @@
+/*
+ * presence.h - libpresence: a presence store shared by the processes of one
+ * host.
+ *
+ * A store is created and owned by the reaper daemon, presenced.  Gateways
+ * (the processes that own client sockets) write device presence through this
+ * library; delivery workers and tools read it.  Every call works on shared
+ * memory directly: no call talks to the daemon, takes a lock, or waits for
+ * another process.
+ *
+ * Conventions (see API.md for the full contract):
+ *  - Functions return 0 (or a count, where said) on success and a negative
+ *    errno value on failure; pres_strerror() describes any of them.
+ *  - Ids are byte strings of 1 .. PRES_ID_MAX bytes without NUL.  They are
+ *    copied; the caller keeps ownership of everything it passes in.
+ *  - Times given out are wall-clock milliseconds since the Unix epoch; TTLs
+ *    are durations in milliseconds (1 .. PRES_TTL_MAX_MS).  Liveness is
+ *    judged on the monotonic clock at the time of each read.
+ *  - Every function may be called from any thread of any process at once,
+ *    on handles opened by that process.  A pres_t must not be used in a
+ *    child after fork(): the child opens its own.
+ *
+ * This header includes standard headers only.
+ */
+#ifndef PRESENCE_H
+#define PRESENCE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define PRES_VERSION_MAJOR 0
+#define PRES_VERSION_MINOR 1
+#define PRES_VERSION_PATCH 0
+
+#if defined(__GNUC__) && !defined(PRES_STATIC)
+#define PRES_API __attribute__((visibility("default")))
+#else
+#define PRES_API
+#endif
+
+#define PRES_ID_MAX          63
+#define PRES_EXCEPTIONS_MAX  64
+#define PRES_TTL_MAX_MS      86400000u   /* one day */
+
+/* One process's handle on one store.  Opaque. */
+typedef struct pres pres_t;
+
+/* A device record handle for cheap repeat writes (pres_heartbeat_ref).  It
+ * names one connection of one device: a later connect of the device, or its
+ * eviction, makes it -ESTALE. */
+typedef uint64_t pres_ref_t;
+
+enum { PRES_RDONLY = 0, PRES_RDWR = 1 };
+
+/* ------------------------------------------------------------------------ */
+/* Handles                                                                   */
+
+/**
+ * Attach to the store NAME (NULL: $PRESENCE_NAME, else "default") in
+ * $PRESENCE_SHM_DIR (default /dev/shm).
+ *
+ * @param[out] out   receives the handle; owned by the caller, freed by
+ *                   pres_close().
+ * @param[in]  flags PRES_RDONLY (maps the records read-only; needs read
+ *                   permission only) or PRES_RDWR.
+ * @return 0; -EINVAL bad name or flags; -ENOENT no store (no daemon has
+ *         created it); -EPROTO files that are not an intact store of this
+ *         version, or a store made on another clock; -EACCES permissions, or
+ *         files owned by another user; -ENOMEM.
+ * Cost: a few system calls (open, fstat, mmap).  Any thread.
+ */
+PRES_API int pres_open(pres_t **out, const char *name, int flags);
+
+/**
+ * Detach.  If this handle attached a gateway, the daemon ends that gateway's
+ * connections (as on the death of the process).  NULL is ignored.  No other
+ * thread may use the handle during or after the call.
+ */
+PRES_API void pres_close(pres_t *p);
+
+/** A static message for a value returned by any function here (or any
+ *  negative errno), prefixed with the code's name, e.g. "ENOENT: ...". */
+PRES_API const char *pres_strerror(int err);
+
+/** The wall clock, in milliseconds since the Unix epoch. */
+PRES_API uint64_t pres_now_ms(void);
+
+/* ------------------------------------------------------------------------ */
+/* Gateways (need PRES_RDWR; -EROFS otherwise)                               */
+
+/**
+ * Bind gateway_id to the calling process.  When the process dies, however it
+ * dies, or closes this handle, every device whose current gateway is
+ * gateway_id stops being connected within 1 s (while the daemon runs).  A
+ * later attach of the same id by another process takes the id over.
+ * @return 0; -EINVAL; -ENAMETOOLONG; -EROFS; -ENOSPC gateway table full.
+ */
+PRES_API int pres_gateway_attach(pres_t *p, const char *gateway_id);
+
+/**
+ * Connect device_id of user_id on gateway_id until now + ttl_ms.  Creates the
+ * user and the device as needed; a device that belonged to another user
+ * moves to this one.  The device counts as active.
+ * @param[out] ref  if not NULL, receives a handle for pres_heartbeat_ref().
+ * @return 0; -EINVAL; -ENAMETOOLONG; -EROFS; -ENOSPC store full (device,
+ *         user or gateway capacity); -EPROTO damaged store.
+ * Cost: one lookup, plus an insertion for a new device.  Lock-free.
+ */
+PRES_API int pres_connect(pres_t *p, const char *user_id,
+                          const char *device_id, const char *gateway_id,
+                          uint32_t ttl_ms, pres_ref_t *ref);
+
+/**
+ * Set the device's expiry to now + ttl_ms.  A device whose TTL had passed
+ * (and that was not disconnected) is connected again on the same gateway:
+ * a late heartbeat.
+ * @return 0; -ENOENT unknown or disconnected device; -EINVAL; -ENAMETOOLONG;
+ *         -EROFS; -EPROTO.
+ * Cost: one lookup and one compare-and-swap.
+ */
+PRES_API int pres_heartbeat(pres_t *p, const char *device_id, uint32_t ttl_ms);
+
+/** pres_heartbeat() through a handle: no lookup.  -ESTALE when the handle's
+ *  connection was replaced by a later connect, or the device evicted. */
+PRES_API int pres_heartbeat_ref(pres_t *p, pres_ref_t ref, uint32_t ttl_ms);
+
+/**
+ * End the device's connection now; its last seen becomes now.  A device
+ * whose TTL had already passed keeps its last seen.
+ * @return 0; -ENOENT unknown device; -EINVAL; -ENAMETOOLONG; -EROFS.
+ */
+PRES_API int pres_disconnect(pres_t *p, const char *device_id);
+
+/** pres_disconnect() only if ref is still the device's current connection:
+ *  otherwise -ESTALE and nothing ends.  The race-free way for a gateway to
+ *  report a closed socket. */
+PRES_API int pres_disconnect_ref(pres_t *p, pres_ref_t ref);
+
+enum pres_activity { PRES_ACTIVE = 1, PRES_IDLE = 2 };
+
+/**
+ * PRES_ACTIVE records an interaction now; PRES_IDLE marks the device idle
+ * until its next interaction.
+ * @return 0; -ENOENT device not connected; -EINVAL; -ENAMETOOLONG; -EROFS.
+ */
+PRES_API int pres_set_activity(pres_t *p, const char *device_id,
+                               enum pres_activity a);
+
+/* ------------------------------------------------------------------------ */
+/* Readers (any handle)                                                      */
+
+typedef struct {
+    char     device_id[PRES_ID_MAX + 1];
+    char     user_id[PRES_ID_MAX + 1];
+    char     gateway_id[PRES_ID_MAX + 1];  /* last gateway, also when offline */
+    int      connected;       /* 1 if connected at the time of the call */
+    int      active;          /* 1 if connected and not idle */
+    uint64_t connected_at_ms; /* start of the current or last connection */
+    uint64_t expires_at_ms;   /* when the TTL passes (or passed) */
+    uint64_t last_seen_ms;    /* connected: the time of the call; else the
+                                 disconnect, or its last connect/heartbeat */
+    uint64_t last_active_ms;  /* last interaction */
+} pres_device_info_t;
+
+/**
+ * One device, connected or not, while it is held in shared memory.
+ * @param[out] out  filled on success (copied; nothing points into the store).
+ * @return 0; -ENOENT unknown (or evicted) device; -EINVAL; -ENAMETOOLONG;
+ *         -EPROTO damaged store.
+ * Cost: about one cache miss.  Lock-free, never waits for a writer.
+ */
+PRES_API int pres_device(pres_t *p, const char *device_id,
+                         pres_device_info_t *out);
+
+/**
+ * The user's connected devices: the routing hint of a delivery worker.
+ * Writes at most cap entries to out and sets *n to how many there are.
+ * An unknown user, or one with none connected: 0 with *n == 0.
+ * @return 0; -EINVAL; -ENAMETOOLONG; -EPROTO.
+ * Cost: one miss for the user plus one per device.  Lock-free.
+ */
+PRES_API int pres_route(pres_t *p, const char *user_id,
+                        pres_device_info_t *out, size_t cap, size_t *n);
+
+/** A delivery to a device that pres_route() gave failed: counted in
+ *  stale_reports.  Allowed on read-only handles.
+ *  @return 0; -EINVAL; -ENAMETOOLONG. */
+PRES_API int pres_report_stale(pres_t *p, const char *device_id);
+
+/* ------------------------------------------------------------------------ */
+/* Counters                                                                  */
+
+typedef struct {
+    uint64_t capacity;          /* device records the store can hold */
+    uint64_t devices;           /* device records held */
+    uint64_t connected;         /* devices connected, as of the daemon's last
+                                   pass (lags expiries by <= ~100 ms) */
+    uint64_t users;
+    uint64_t connects;          /* pres_connect calls that succeeded */
+    uint64_t disconnects;       /* connections ended by a disconnect call */
+    uint64_t heartbeats, late_heartbeats;
+    uint64_t expirations;       /* connections ended by TTL or gateway death */
+    uint64_t gateway_deaths, stale_reports;
+    uint64_t events;            /* events ever appended: the last seq */
+    uint64_t evictions;
+    uint64_t grace_periods;     /* cross-process grace periods completed */
+    uint64_t mirror_lag_ms;     /* age of the oldest change not yet in LMDB */
+} pres_stats_t;
+
+/** The store's counters.  @return 0; -EPROTO. */
+PRES_API int pres_stats(pres_t *p, pres_stats_t *out);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* PRESENCE_H */
