@@ -1,0 +1,66 @@
+/*
+ * alloc.c - taking a free record from the daemon's rings.
+ *
+ * The daemon is the only producer of free records (it frees them after a
+ * grace period); clients consume.  Consumption is one CAS on the ring slot
+ * that writes the consumer's client index into the slot together with the
+ * lap, then a CAS that moves the shared consumer cursor on (any consumer
+ * that finds a taken slot moves the cursor past it, so a consumer killed
+ * between the two CASes delays nobody).  Then the consumer claims the
+ * record by storing its token into the record's alloc word.
+ *
+ * Crash: a consumer killed after taking the slot and before claiming the
+ * record leaves a slot naming it and a record whose alloc word is still
+ * PRES_ALLOC_FREE: the daemon, walking taken slots before it reuses them,
+ * returns such a record to its pool once the kernel says the consumer is
+ * dead.  No record is ever lost or handed out twice.
+ */
+#include "store.h"
+
+int pres__alloc_take(pres_t *p, int users, uint32_t *idx)
+{
+    pres_map_t *m = &p->m;
+    pres_hdr_t *h = m->hdr;
+    uint64_t *ring = users ? m->user_ring : m->dev_ring;
+    uint64_t rmask = users ? m->user_rmask : m->dev_rmask;
+    unsigned shift = users ? m->user_rshift : m->dev_rshift;
+    uint64_t *cons = users ? &h->user_cons : &h->dev_cons;
+    uint64_t *prod = users ? &h->user_prod : &h->dev_prod;
+    uint32_t cap = users ? m->user_cap : m->dev_cap;
+
+    /* Each failed round means another consumer made progress (lock-free);
+     * the bound only turns a damaged ring into -EPROTO instead of a hang. */
+    for (int round = 0; round < 1 << 20; round++) {
+        uint64_t c = pa_load_acquire(cons);
+        /* acquire: the slot written before the daemon moved prod is seen. */
+        uint64_t pr = pa_load_acquire(prod);
+        if (c >= pr)
+            return c == pr ? -ENOSPC : -EPROTO;
+        uint64_t *slot = &ring[c & rmask];
+        uint64_t s = pa_load_acquire(slot);
+        uint32_t lap = (uint32_t)((c >> shift) & 0xffffffu);
+        if (PRES_RING_LAP(s) != lap) {
+            /* Our cursor is stale (the slot is already a later lap's). */
+            continue;
+        }
+        if (PRES_RING_OWNER1(s) != 0) {
+            /* Taken: help the cursor past it. */
+            pa_cas(cons, &c, c + 1);
+            continue;
+        }
+        uint32_t i = PRES_RING_IDX(s);
+        if (i >= cap)
+            return -EPROTO;
+        uint64_t taken = s | ((uint64_t)p->latch << 26);
+        if (!pa_cas(slot, &s, taken))
+            continue;
+        pa_cas(cons, &c, c + 1);
+        /* The record is ours: claim it for the daemon's bookkeeping. */
+        pres_dev_t *d = users ? NULL : &m->devs[i];
+        pres_user_t *u = users ? &m->users[i] : NULL;
+        pa_store(users ? &u->alloc : &d->alloc, p->token);
+        *idx = i;
+        return 0;
+    }
+    return -EPROTO;
+}

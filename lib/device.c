@@ -1,0 +1,702 @@
+/*
+ * device.c - the gateway and reader operations on device records.
+ *
+ * The live word (see region.h) carries expiry, state, seq and latch.  The
+ * protocol, in short (doc/region.md has the long form):
+ *
+ *  - An on-time heartbeat with an unchanged TTL is one CAS of the live word
+ *    that changes only the expiry.
+ *  - Everything else that changes a connection (connect, disconnect, a new
+ *    TTL, a late heartbeat) takes the latch (a CAS that writes the writer's
+ *    client index into the live word), writes the copy of conn[] that seq
+ *    does not select, and publishes it by one CAS that flips seq, sets the
+ *    expiry and state and drops the latch.  A reader reads the live word,
+ *    the selected copy, and the live word again; if seq moved it reads
+ *    again.  It never waits for the latch: the latch guards only the copy
+ *    no reader is told to read.  A writer killed while holding the latch
+ *    leaves a half-written idle copy that nobody reads; the next writer
+ *    (after the kernel confirms the death) or the daemon takes the latch
+ *    over.
+ *  - A new device (or one moving to another user) gets a new record: it is
+ *    PENDING (invisible) until linked into its user's list and the hash
+ *    chain, then published CONNECTED; older records of the same device
+ *    behind it are marked DEAD for the daemon to unlink and free after a
+ *    grace period.  The first live record in a chain wins, so readers see
+ *    the old device until the new one is published.
+ */
+#include <sched.h>
+
+#include "store.h"
+
+#define REF_IDX_BITS 25
+#define REF_GEN_BITS 15
+#define REF_GEN_MASK ((1u << REF_GEN_BITS) - 1)
+#define REF_CID_MASK 0xffffffu
+
+static pres_ref_t make_ref(uint32_t idx, uint32_t gen, uint32_t cid)
+{
+    return (uint64_t)(idx + 1) | ((uint64_t)(gen & REF_GEN_MASK) << REF_IDX_BITS) |
+           ((uint64_t)(cid & REF_CID_MASK) << (REF_IDX_BITS + REF_GEN_BITS));
+}
+
+int pres__id_check(const char *id, size_t *len)
+{
+    if (!id)
+        return -EINVAL;
+    size_t n = strnlen(id, PRES_ID_MAX + 1);
+    if (n == 0)
+        return -EINVAL;
+    if (n > PRES_ID_MAX)
+        return -ENAMETOOLONG;
+    *len = n;
+    return 0;
+}
+
+static int ttl_check(uint32_t ttl)
+{
+    return ttl >= 1 && ttl <= PRES_TTL_MAX_MS ? 0 : -EINVAL;
+}
+
+/* ---- the latch ---------------------------------------------------------- */
+
+#define LIVE_LATCH_MASK  (~(uint64_t)0 << 50)
+#define LIVE_STATE_MASK  (UINT64_C(3) << 40)
+
+/* Take the latch of a CONNECTED or DISCONNECTED record.  Another writer
+ * holds it only for a few stores; we wait for it only while the kernel says
+ * it is alive, and give up with -EBUSY if it stays there (it is stopped).
+ * -EAGAIN: the record is no longer current (look the device up again). */
+static int latch_take(pres_t *p, pres_dev_t *d, uint64_t *out)
+{
+    uint64_t L = pa_load_acquire(&d->live);
+    for (int spin = 0; spin < 20000; spin++) {
+        unsigned st = PRES_LIVE_STATE(L);
+        if (st == PRES_DS_DEAD || st == PRES_DS_PENDING)
+            return -EAGAIN;
+        unsigned holder = PRES_LIVE_LATCH(L);
+        int free_ = holder == 0 || holder == p->latch;
+        if (!free_ && spin >= 64 && spin % 256 == 0 &&
+            !pres__client_alive(&p->m, holder - 1))
+            free_ = 1;                      /* its holder is dead: take over */
+        if (free_) {
+            uint64_t want = (L & ~LIVE_LATCH_MASK) | ((uint64_t)p->latch << 50);
+            if (pa_cas(&d->live, &L, want)) {
+                *out = want;
+                return 0;
+            }
+            continue;
+        }
+        if (spin < 64)
+            pa_pause();
+        else
+            sched_yield();
+        L = pa_load_acquire(&d->live);
+    }
+    return -EBUSY;
+}
+
+/* Publish the idle copy: flip seq, set expiry and state, drop the latch.
+ * Heartbeats may move the expiry meanwhile, and a DEAD mark may land: the
+ * CAS is retried against what is there (the DEAD mark wins). */
+static int latch_publish(pres_t *p, pres_dev_t *d, uint64_t exp, unsigned st)
+{
+    uint64_t L = pa_load(&d->live);
+    for (;;) {
+        if (PRES_LIVE_LATCH(L) != p->latch)
+            return -EAGAIN;
+        if (PRES_LIVE_STATE(L) == PRES_DS_DEAD) {
+            if (pa_cas(&d->live, &L, L & ~LIVE_LATCH_MASK))
+                return -EAGAIN;
+            continue;
+        }
+        uint64_t want = PRES_LIVE_MAKE(exp, st, PRES_LIVE_SEQ(L) + 1, 0);
+        if (pa_cas(&d->live, &L, want))
+            return 0;
+    }
+}
+
+static void latch_drop(pres_t *p, pres_dev_t *d)
+{
+    uint64_t L = pa_load(&d->live);
+    while (PRES_LIVE_LATCH(L) == p->latch && !pa_cas(&d->live, &L, L & ~LIVE_LATCH_MASK))
+        ;
+}
+
+static void conn_write(pres_dev_t *d, unsigned k, const pres_conn_t *c,
+                       uint32_t ttl, uint32_t cid)
+{
+    pa_store(&d->conn[k].gw, c->gw);
+    pa_store(&d->conn[k].flags, c->flags);
+    pa_store(&d->conn[k].connected_at, c->connected_at);
+    pa_store(&d->conn[k].ended, c->ended);
+    pa_store(&d->ttl[k], ttl);
+    pa_store(&d->cid[k], cid);
+}
+
+static void conn_read(const pres_dev_t *d, unsigned k, pres_conn_t *c)
+{
+    c->gw = pa_load(&d->conn[k].gw);
+    c->flags = pa_load(&d->conn[k].flags);
+    c->connected_at = pa_load(&d->conn[k].connected_at);
+    c->ended = pa_load(&d->conn[k].ended);
+}
+
+/* ---- reading ------------------------------------------------------------- */
+
+int pres__dev_snap(const pres_map_t *m, uint32_t i, pres_snap_t *s)
+{
+    const pres_dev_t *d = &m->devs[i];
+    for (int tries = 0; tries < 64; tries++) {
+        uint64_t L1 = pa_load_acquire(&d->live);
+        unsigned st = PRES_LIVE_STATE(L1);
+        if (st == PRES_DS_PENDING || st == PRES_DS_DEAD)
+            return -EAGAIN;
+        unsigned k = PRES_LIVE_SEQ(L1) & 1;
+        conn_read(d, k, &s->c);
+        s->ttl = pa_load(&d->ttl[k]);
+        s->cid = pa_load(&d->cid[k]);
+        s->activity = pa_load(&d->activity);
+        /* The copy's loads complete before the second load of the live
+         * word: if seq is unchanged, no publish overwrote what we read. */
+        pa_fence_acquire();
+        uint64_t L2 = pa_load(&d->live);
+        if (PRES_LIVE_SEQ(L2) == PRES_LIVE_SEQ(L1) && PRES_LIVE_STATE(L2) == st) {
+            s->live = L2;
+            return 0;
+        }
+    }
+    return -EBUSY;
+}
+
+void pres__dev_info(const pres_map_t *m, uint32_t i, const pres_snap_t *s,
+                    uint64_t nm, uint64_t nw, pres_device_info_t *out)
+{
+    const pres_dev_t *d = &m->devs[i];
+    uint32_t u = pa_load(&d->user);
+    pres__key_out(out->device_id, d->keylen, d->key);
+    if (u < m->user_cap)
+        pres__key_out(out->user_id, m->users[u].keylen, m->users[u].key);
+    else
+        out->user_id[0] = '\0';
+    if (s->c.gw < m->gw_cap)
+        pres__key_out(out->gateway_id, m->gws[s->c.gw].keylen, m->gws[s->c.gw].key);
+    else
+        out->gateway_id[0] = '\0';
+
+    unsigned st = PRES_LIVE_STATE(s->live);
+    uint64_t exp = PRES_LIVE_EXPIRY(s->live);
+    uint64_t act = PRES_ACT_TIME(s->activity);
+    uint64_t idle_after = pa_load(&m->hdr->idle_after_ms);
+    out->connected = st == PRES_DS_CONNECTED && exp > nm;
+    out->active = out->connected && !(s->activity & PRES_ACT_IDLE) &&
+                  (idle_after == 0 || nm < act + idle_after);
+    out->connected_at_ms = s->c.connected_at;
+    out->expires_at_ms = pres__mono_to_wall(exp, nm, nw);
+    if (out->connected)
+        out->last_seen_ms = nw;
+    else if (st == PRES_DS_DISCONNECTED)
+        out->last_seen_ms = s->c.ended;
+    else
+        out->last_seen_ms = pres__mono_to_wall(exp > s->ttl ? exp - s->ttl : 0, nm, nw);
+    out->last_active_ms = pres__mono_to_wall(act, nm, nw);
+}
+
+/* Look a device up and snapshot it; retries while the record found is
+ * being replaced. */
+static int dev_read(const pres_map_t *m, const char *id, size_t len, uint64_t h,
+                    uint32_t *idx, pres_snap_t *s)
+{
+    for (int tries = 0; tries < 16; tries++) {
+        int i = pres__idx_dev_find(m, id, len, h);
+        if (i < 0)
+            return i;
+        int rc = pres__dev_snap(m, (uint32_t)i, s);
+        if (rc == 0) {
+            *idx = (uint32_t)i;
+            return 0;
+        }
+        if (rc != -EAGAIN)
+            return rc;
+    }
+    return -EBUSY;
+}
+
+/* ---- handles --------------------------------------------------------------- */
+
+static pres_rs_t *enter_rw(pres_t *p, int *rc)
+{
+    if (!p) {
+        *rc = -EINVAL;
+        return NULL;
+    }
+    if (!p->rdwr) {
+        *rc = -EROFS;
+        return NULL;
+    }
+    pres_rs_t *t = pres__gp_enter(p);
+    *rc = t ? 0 : -ENOSPC;
+    return t;
+}
+
+static void mark_dead(pres_dev_t *d)
+{
+    uint64_t L = pa_load(&d->live);
+    for (;;) {
+        unsigned st = PRES_LIVE_STATE(L);
+        if (st == PRES_DS_DEAD || st == PRES_DS_PENDING)
+            return;
+        if (pa_cas(&d->live, &L, (L & ~LIVE_STATE_MASK) | ((uint64_t)PRES_DS_DEAD << 40)))
+            return;
+    }
+}
+
+/* After publishing record i, mark the older records of the same device
+ * behind it in the chain DEAD: the newest connect wins. */
+static void supersede_older(pres_map_t *m, uint32_t i, const char *id, size_t len)
+{
+    uint64_t l = pa_load_acquire(&m->devs[i].next);
+    for (uint32_t steps = 0; !PRES_LINK_IS_NULLS(l) && steps <= m->dev_cap; steps++) {
+        uint32_t j = PRES_LINK_IDX(l);
+        if (j >= m->dev_cap)
+            return;
+        pres_dev_t *o = &m->devs[j];
+        if (pres__key_eq(&o->keylen, o->key, id, len))
+            mark_dead(o);
+        l = pa_load_acquire(&o->next);
+    }
+}
+
+static int reconnect(pres_t *p, uint32_t i, uint32_t gwi, uint32_t ttl,
+                     uint64_t nm, uint64_t nw, uint32_t *cid)
+{
+    pres_dev_t *d = &p->m.devs[i];
+    uint64_t L;
+    int rc = latch_take(p, d, &L);
+    if (rc < 0)
+        return rc;
+    unsigned k = PRES_LIVE_SEQ(L) & 1;
+    pres_conn_t c = { .gw = gwi, .flags = 0, .connected_at = nw, .ended = 0 };
+    *cid = (pa_load(&d->cid[k]) + 1) & REF_CID_MASK;
+    conn_write(d, k ^ 1, &c, ttl, *cid);
+    pa_store(&d->activity, nm);
+    return latch_publish(p, d, nm + ttl, PRES_DS_CONNECTED);
+}
+
+static int link_user(pres_t *p, uint32_t i, uint32_t *u, const char *user, size_t ulen)
+{
+    pres_map_t *m = &p->m;
+    pres_dev_t *d = &m->devs[i];
+    uint64_t link = PRES_LINK(i, pa_load(&d->gen));
+    for (int r = 0; r < 1 << 16; r++) {
+        uint64_t head = pa_load_acquire(&m->users[*u].dhead);
+        if (head == PRES_LINK_RETIRED) {
+            /* The daemon retired this user (it had no device) since we
+             * found it: find or make its successor. */
+            int rc = pres__idx_user_get(p, user, ulen, u);
+            if (rc < 0)
+                return rc;
+            pa_store(&d->user, *u);
+            continue;
+        }
+        pa_store(&d->unext, head);
+        if (pa_cas(&m->users[*u].dhead, &head, link))
+            return 0;
+    }
+    return -EPROTO;
+}
+
+static int connect_new(pres_t *p, const char *user, size_t ulen, const char *id,
+                       size_t len, uint64_t h, uint32_t gwi, uint32_t ttl,
+                       uint64_t nm, uint64_t nw, uint32_t *idx)
+{
+    pres_map_t *m = &p->m;
+    uint32_t u, i;
+    int rc = pres__idx_user_get(p, user, ulen, &u);
+    if (rc < 0)
+        return rc;
+    if ((rc = pres__alloc_take(p, 0, &i)) < 0)
+        return rc;
+    pres_dev_t *d = &m->devs[i];
+    pres_conn_t c = { .gw = gwi, .flags = 0, .connected_at = nw, .ended = 0 };
+    d->keylen = (uint8_t)len;
+    memcpy(d->key, id, len);
+    pa_store(&d->user, u);
+    conn_write(d, 0, &c, ttl, 1);
+    pa_store(&d->activity, nm);
+    pa_store(&d->typing[0], 0);
+    pa_store(&d->typing[1], 0);
+    /* PENDING and latched by us: invisible to readers, and the daemon
+     * leaves it alone while we live. */
+    uint64_t pending = PRES_LIVE_MAKE(nm + ttl, PRES_DS_PENDING, 0, p->latch);
+    pa_store(&d->live, pending);
+    if ((rc = link_user(p, i, &u, user, ulen)) < 0)
+        return rc;                 /* the daemon reclaims the PENDING record */
+    pres__idx_dev_link_hash(m, i, h);
+    uint64_t L = pending;
+    if (!pa_cas(&d->live, &L, PRES_LIVE_MAKE(nm + ttl, PRES_DS_CONNECTED, 0, 0)))
+        return -EPROTO;
+    supersede_older(m, i, id, len);
+    *idx = i;
+    return 0;
+}
+
+PRES_API int pres_connect(pres_t *p, const char *user_id, const char *device_id,
+                          const char *gateway_id, uint32_t ttl_ms, pres_ref_t *ref)
+{
+    size_t ulen, len, glen;
+    int rc;
+    if ((rc = pres__id_check(user_id, &ulen)) < 0 ||
+        (rc = pres__id_check(device_id, &len)) < 0 ||
+        (rc = pres__id_check(gateway_id, &glen)) < 0 || (rc = ttl_check(ttl_ms)) < 0)
+        return rc;
+    pres_rs_t *t = enter_rw(p, &rc);
+    if (!t)
+        return rc;
+    pres_map_t *m = &p->m;
+    uint64_t nm = pres__mono_ms(), nw = pres__wall_ms();
+    uint64_t h = pres__hash(device_id, len, m->seed);
+    uint32_t idx = 0, cid = 1;
+    int gwi = pres__idx_gw_get(p, gateway_id, glen);
+    if (gwi < 0) {
+        rc = gwi;
+        goto out;
+    }
+    rc = -EAGAIN;
+    for (int attempt = 0; attempt < 16 && rc == -EAGAIN; attempt++) {
+        int i = pres__idx_dev_find(m, device_id, len, h);
+        if (i == -EPROTO) {
+            rc = i;
+            break;
+        }
+        if (i >= 0) {
+            uint32_t u = pa_load(&m->devs[i].user);
+            if (u < m->user_cap &&
+                pres__key_eq(&m->users[u].keylen, m->users[u].key, user_id, ulen)) {
+                rc = reconnect(p, (uint32_t)i, (uint32_t)gwi, ttl_ms, nm, nw, &cid);
+                idx = (uint32_t)i;
+                if (rc != -EBUSY)
+                    continue;
+                /* Its latch is held by a stopped process: a new record
+                 * supersedes it without waiting. */
+            }
+        }
+        cid = 1;
+        rc = connect_new(p, user_id, ulen, device_id, len, h, (uint32_t)gwi,
+                         ttl_ms, nm, nw, &idx);
+    }
+    if (rc == 0) {
+        pres__count(t, PRES_C_CONNECTS);
+        if (ref)
+            *ref = make_ref(idx, pa_load(&m->devs[idx].gen), cid);
+    }
+out:
+    pres__gp_leave(t);
+    return rc == -EAGAIN ? -EBUSY : rc;
+}
+
+/* A heartbeat of record i; ref_cid < 0 for a heartbeat by id. */
+static int heartbeat_at(pres_t *p, pres_rs_t *t, uint32_t i, int64_t ref_cid, uint32_t ttl)
+{
+    pres_dev_t *d = &p->m.devs[i];
+    uint64_t nm = pres__mono_ms();
+    uint64_t L = pa_load_acquire(&d->live);
+    for (;;) {
+        unsigned st = PRES_LIVE_STATE(L);
+        if (st == PRES_DS_DEAD || st == PRES_DS_PENDING)
+            return ref_cid >= 0 ? -ESTALE : -EAGAIN;
+        unsigned k = PRES_LIVE_SEQ(L) & 1;
+        if (ref_cid >= 0 && (pa_load(&d->cid[k]) & REF_CID_MASK) != (uint64_t)ref_cid)
+            return -ESTALE;
+        if (st != PRES_DS_CONNECTED)
+            return -ENOENT;
+        int late = PRES_LIVE_EXPIRY(L) <= nm;
+        if (!late && pa_load(&d->ttl[k]) == ttl) {
+            /* The fast path: only the expiry changes.  The CAS fails if
+             * anything else moved (seq, state, latch), and we look again. */
+            if (pa_cas(&d->live, &L, (L & ~PRES_LIVE_EXP_MASK) | ((nm + ttl) & PRES_LIVE_EXP_MASK))) {
+                pres__count(t, PRES_C_HEARTBEATS);
+                return 0;
+            }
+            continue;
+        }
+        int rc = latch_take(p, d, &L);
+        if (rc < 0)
+            return rc == -EAGAIN && ref_cid >= 0 ? -ESTALE : rc;
+        k = PRES_LIVE_SEQ(L) & 1;
+        uint32_t cid = pa_load(&d->cid[k]);
+        if (PRES_LIVE_STATE(L) != PRES_DS_CONNECTED ||
+            (ref_cid >= 0 && (cid & REF_CID_MASK) != (uint64_t)ref_cid)) {
+            latch_drop(p, d);
+            L = pa_load_acquire(&d->live);
+            continue;
+        }
+        pres_conn_t c;
+        conn_read(d, k, &c);
+        late = PRES_LIVE_EXPIRY(L) <= nm;
+        if (late)
+            c.connected_at = pres__wall_ms();   /* connected again */
+        conn_write(d, k ^ 1, &c, ttl, cid);
+        if ((rc = latch_publish(p, d, nm + ttl, PRES_DS_CONNECTED)) < 0)
+            return rc == -EAGAIN && ref_cid >= 0 ? -ESTALE : rc;
+        pres__count(t, PRES_C_HEARTBEATS);
+        if (late)
+            pres__count(t, PRES_C_LATE_HEARTBEATS);
+        return 0;
+    }
+}
+
+PRES_API int pres_heartbeat(pres_t *p, const char *device_id, uint32_t ttl_ms)
+{
+    size_t len;
+    int rc;
+    if ((rc = pres__id_check(device_id, &len)) < 0 || (rc = ttl_check(ttl_ms)) < 0)
+        return rc;
+    pres_rs_t *t = enter_rw(p, &rc);
+    if (!t)
+        return rc;
+    uint64_t h = pres__hash(device_id, len, p->m.seed);
+    rc = -EAGAIN;
+    for (int tries = 0; tries < 16 && rc == -EAGAIN; tries++) {
+        int i = pres__idx_dev_find(&p->m, device_id, len, h);
+        rc = i < 0 ? i : heartbeat_at(p, t, (uint32_t)i, -1, ttl_ms);
+    }
+    pres__gp_leave(t);
+    return rc == -EAGAIN ? -EBUSY : rc;
+}
+
+static int ref_decode(const pres_t *p, pres_ref_t ref, uint32_t *idx, int64_t *cid)
+{
+    uint64_t i1 = ref & ((UINT64_C(1) << REF_IDX_BITS) - 1);
+    if (i1 == 0 || i1 > p->m.dev_cap)
+        return -ESTALE;
+    uint32_t gen = (uint32_t)(ref >> REF_IDX_BITS) & REF_GEN_MASK;
+    *idx = (uint32_t)(i1 - 1);
+    if ((pa_load(&p->m.devs[*idx].gen) & REF_GEN_MASK) != gen)
+        return -ESTALE;
+    *cid = (int64_t)(ref >> (REF_IDX_BITS + REF_GEN_BITS));
+    return 0;
+}
+
+PRES_API int pres_heartbeat_ref(pres_t *p, pres_ref_t ref, uint32_t ttl_ms)
+{
+    int rc;
+    uint32_t i;
+    int64_t cid;
+    if ((rc = ttl_check(ttl_ms)) < 0)
+        return rc;
+    pres_rs_t *t = enter_rw(p, &rc);
+    if (!t)
+        return rc;
+    /* Decoded inside the read section: the record cannot be freed and
+     * reused between the generation check and the CAS. */
+    if ((rc = ref_decode(p, ref, &i, &cid)) == 0)
+        rc = heartbeat_at(p, t, i, cid, ttl_ms);
+    pres__gp_leave(t);
+    return rc;
+}
+
+static int disconnect_at(pres_t *p, pres_rs_t *t, uint32_t i, int64_t ref_cid)
+{
+    pres_dev_t *d = &p->m.devs[i];
+    uint64_t L;
+    int rc = latch_take(p, d, &L);
+    if (rc < 0)
+        return rc == -EAGAIN && ref_cid >= 0 ? -ESTALE : rc;
+    unsigned k = PRES_LIVE_SEQ(L) & 1;
+    uint32_t cid = pa_load(&d->cid[k]);
+    if (ref_cid >= 0 && (cid & REF_CID_MASK) != (uint64_t)ref_cid) {
+        latch_drop(p, d);
+        return -ESTALE;
+    }
+    if (PRES_LIVE_STATE(L) == PRES_DS_DISCONNECTED) {
+        latch_drop(p, d);
+        return 0;
+    }
+    uint64_t nm = pres__mono_ms(), nw = pres__wall_ms();
+    uint64_t exp = PRES_LIVE_EXPIRY(L);
+    uint32_t ttl = pa_load(&d->ttl[k]);
+    int expired = exp <= nm;
+    pres_conn_t c;
+    conn_read(d, k, &c);
+    /* An expired connection ended at its last sign of life. */
+    c.ended = expired ? pres__mono_to_wall(exp > ttl ? exp - ttl : 0, nm, nw) : nw;
+    conn_write(d, k ^ 1, &c, ttl, cid);
+    if ((rc = latch_publish(p, d, exp, PRES_DS_DISCONNECTED)) < 0)
+        return rc == -EAGAIN && ref_cid >= 0 ? -ESTALE : rc;
+    if (!expired)
+        pres__count(t, PRES_C_DISCONNECTS);
+    return 0;
+}
+
+PRES_API int pres_disconnect(pres_t *p, const char *device_id)
+{
+    size_t len;
+    int rc;
+    if ((rc = pres__id_check(device_id, &len)) < 0)
+        return rc;
+    pres_rs_t *t = enter_rw(p, &rc);
+    if (!t)
+        return rc;
+    uint64_t h = pres__hash(device_id, len, p->m.seed);
+    rc = -EAGAIN;
+    for (int tries = 0; tries < 16 && rc == -EAGAIN; tries++) {
+        int i = pres__idx_dev_find(&p->m, device_id, len, h);
+        rc = i < 0 ? i : disconnect_at(p, t, (uint32_t)i, -1);
+    }
+    pres__gp_leave(t);
+    return rc == -EAGAIN ? -EBUSY : rc;
+}
+
+PRES_API int pres_disconnect_ref(pres_t *p, pres_ref_t ref)
+{
+    int rc;
+    uint32_t i;
+    int64_t cid;
+    pres_rs_t *t = enter_rw(p, &rc);
+    if (!t)
+        return rc;
+    if ((rc = ref_decode(p, ref, &i, &cid)) == 0)
+        rc = disconnect_at(p, t, i, cid);
+    pres__gp_leave(t);
+    return rc;
+}
+
+PRES_API int pres_set_activity(pres_t *p, const char *device_id, enum pres_activity a)
+{
+    size_t len;
+    int rc;
+    if ((rc = pres__id_check(device_id, &len)) < 0)
+        return rc;
+    if (a != PRES_ACTIVE && a != PRES_IDLE)
+        return -EINVAL;
+    pres_rs_t *t = enter_rw(p, &rc);
+    if (!t)
+        return rc;
+    uint64_t h = pres__hash(device_id, len, p->m.seed);
+    int i = pres__idx_dev_find(&p->m, device_id, len, h);
+    rc = i < 0 ? i : 0;
+    if (i >= 0) {
+        pres_dev_t *d = &p->m.devs[i];
+        uint64_t nm = pres__mono_ms();
+        uint64_t L = pa_load_acquire(&d->live);
+        if (PRES_LIVE_STATE(L) != PRES_DS_CONNECTED || PRES_LIVE_EXPIRY(L) <= nm) {
+            rc = -ENOENT;
+        } else if (a == PRES_ACTIVE) {
+            pa_store(&d->activity, nm);
+        } else {
+            uint64_t w = pa_load(&d->activity);
+            while (!pa_cas(&d->activity, &w, w | PRES_ACT_IDLE))
+                ;
+        }
+    }
+    pres__gp_leave(t);
+    return rc;
+}
+
+PRES_API int pres_device(pres_t *p, const char *device_id, pres_device_info_t *out)
+{
+    size_t len;
+    int rc;
+    if (!p || !out)
+        return -EINVAL;
+    if ((rc = pres__id_check(device_id, &len)) < 0)
+        return rc;
+    pres_rs_t *t = pres__gp_enter(p);
+    if (!t)
+        return -ENOSPC;
+    uint64_t h = pres__hash(device_id, len, p->m.seed);
+    uint32_t i;
+    pres_snap_t s;
+    if ((rc = dev_read(&p->m, device_id, len, h, &i, &s)) == 0)
+        pres__dev_info(&p->m, i, &s, pres__mono_ms(), pres__wall_ms(), out);
+    pres__gp_leave(t);
+    return rc;
+}
+
+/* Route: walk the user's device list (bounded; ends in the marker naming the
+ * user) and copy out the connected ones, each device once. */
+#define ROUTE_SEEN_MAX 256
+
+static int route_walk(const pres_map_t *m, uint32_t u, pres_device_info_t *out,
+                      size_t cap, size_t *n)
+{
+    uint32_t seen[ROUTE_SEEN_MAX];
+    size_t nseen = 0, count = 0;
+    uint64_t nm = pres__mono_ms(), nw = pres__wall_ms();
+    uint64_t l = pa_load_acquire(&m->users[u].dhead);
+    if (l == PRES_LINK_RETIRED)
+        l = PRES_LINK_NULLS(u);
+    for (uint32_t steps = 0; !PRES_LINK_IS_NULLS(l); steps++) {
+        uint32_t i = PRES_LINK_IDX(l);
+        if (i >= m->dev_cap || steps > m->dev_cap)
+            return -EPROTO;
+        const pres_dev_t *d = &m->devs[i];
+        if (pa_load(&d->gen) != PRES_LINK_GEN(l))
+            return -EAGAIN;
+        pres_snap_t s;
+        if (pa_load(&d->user) == u && pres__dev_snap(m, i, &s) == 0 &&
+            PRES_LIVE_STATE(s.live) == PRES_DS_CONNECTED && PRES_LIVE_EXPIRY(s.live) > nm) {
+            int dup = 0;
+            for (size_t k = 0; k < nseen && !dup; k++)
+                dup = pres__key_eq(&m->devs[seen[k]].keylen, m->devs[seen[k]].key,
+                                   d->key, d->keylen);
+            if (!dup) {
+                if (nseen < ROUTE_SEEN_MAX)
+                    seen[nseen++] = i;
+                if (count < cap)
+                    pres__dev_info(m, i, &s, nm, nw, &out[count]);
+                count++;
+            }
+        }
+        l = pa_load_acquire(&d->unext);
+    }
+    if (PRES_LINK_CHAIN(l) != u)
+        return -EAGAIN;
+    *n = count;
+    return 0;
+}
+
+PRES_API int pres_route(pres_t *p, const char *user_id, pres_device_info_t *out,
+                        size_t cap, size_t *n)
+{
+    size_t len;
+    int rc;
+    if (!p || !n || (cap && !out))
+        return -EINVAL;
+    if ((rc = pres__id_check(user_id, &len)) < 0)
+        return rc;
+    *n = 0;
+    pres_rs_t *t = pres__gp_enter(p);
+    if (!t)
+        return -ENOSPC;
+    uint64_t h = pres__hash(user_id, len, p->m.seed);
+    rc = -EAGAIN;
+    for (int tries = 0; tries < 8 && rc == -EAGAIN; tries++) {
+        int u = pres__idx_user_find(&p->m, user_id, len, h);
+        if (u == -ENOENT)
+            rc = 0;
+        else
+            rc = u < 0 ? u : route_walk(&p->m, (uint32_t)u, out, cap, n);
+    }
+    pres__gp_leave(t);
+    return rc == -EAGAIN ? -EPROTO : rc;
+}
+
+PRES_API int pres_report_stale(pres_t *p, const char *device_id)
+{
+    size_t len;
+    int rc;
+    if (!p)
+        return -EINVAL;
+    if ((rc = pres__id_check(device_id, &len)) < 0)
+        return rc;
+    pres_rs_t *t = pres__gp_enter(p);
+    if (!t)
+        return -ENOSPC;
+    int i = pres__idx_dev_find(&p->m, device_id, len, pres__hash(device_id, len, p->m.seed));
+    rc = i < 0 ? i : 0;
+    if (rc == 0)
+        pres__count(t, PRES_C_STALE_REPORTS);
+    pres__gp_leave(t);
+    return rc;
+}

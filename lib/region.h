@@ -1,0 +1,374 @@
+/*
+ * region.h - the layout of a store's shared memory (private to libpresence
+ * and presenced).
+ *
+ * A store NAME is three files in $PRESENCE_SHM_DIR:
+ *
+ *   presence.NAME          the records: header, hash buckets, gateway table,
+ *                          device and user records, and the areas reserved
+ *                          for privacy exceptions, typing, the event ring and
+ *                          the mirror's change ring.  RDWR handles map it
+ *                          read-write; RDONLY handles map it read-only, so a
+ *                          stray write of a reader cannot damage a record.
+ *   presence.NAME.readers  what every attached process must be able to write:
+ *                          the grace-period epoch, client slots (pid, start
+ *                          time, counters) and reader slots.
+ *   presence.NAME.lock     held (flock) by the one running daemon.
+ *
+ * The region holds offsets and indexes, never pointers (property 1).  See
+ * doc/region.md for the protocols and the invariants `presencectl check`
+ * verifies.
+ */
+#ifndef PRES_REGION_H
+#define PRES_REGION_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include "presence.h"
+
+/* "PRESENCE" read as a big-endian number: a host of the other byte order
+ * sees it reversed, so a region is never misread across byte orders. */
+#define PRES_MAGIC          UINT64_C(0x50524553454e4345)
+#define PRES_READERS_MAGIC  UINT64_C(0x5052455352454144)   /* "PRESREAD" */
+/* The region format version, separate from the library version: bumped on
+ * any change of the layout below. */
+#define PRES_FORMAT         1u
+
+#define PRES_HDR_SIZE       4096u
+#define PRES_CACHELINE      64u
+#define PRES_PAGE           4096u
+
+/* Capacity bounds.  Device indexes travel in 24 bits of a pres_ref_t;
+ * client indexes in the 14-bit latch field of a device's live word. */
+#define PRES_DEV_CAP_MAX    (UINT32_C(1) << 24)
+#define PRES_USER_CAP_MAX   (UINT32_C(1) << 26)
+#define PRES_GW_CAP_MAX     (UINT32_C(1) << 16)
+#define PRES_CLIENTS        1024u    /* attached handles at once */
+#define PRES_READER_SLOTS   4096u    /* (thread, handle) pairs in read sections */
+#define PRES_DAEMON_CLIENT  0u       /* client index the daemon uses */
+
+/* ---- areas of the records file ---------------------------------------- */
+
+enum pres_area {
+    PRES_AREA_DEV_BUCKETS = 0,  /* uint64_t link heads */
+    PRES_AREA_USER_BUCKETS,     /* uint64_t link heads */
+    PRES_AREA_GATEWAYS,         /* pres_gw_t */
+    PRES_AREA_DEVICES,          /* pres_dev_t */
+    PRES_AREA_USERS,            /* pres_user_t */
+    PRES_AREA_EXCEPTIONS,       /* privacy exception entries (64 B each) */
+    PRES_AREA_CONVS,            /* typing: conversations (128 B each) */
+    PRES_AREA_EVENTS,           /* the change feed (320 B each) */
+    PRES_AREA_CHANGES,          /* the mirror's change ring (8 B each) */
+    PRES_AREA_DEV_RING,         /* free device records offered to clients */
+    PRES_AREA_USER_RING,        /* free user records offered to clients */
+    PRES_AREA_COUNT
+};
+
+typedef struct {
+    uint64_t off;      /* from the start of the file; page aligned */
+    uint64_t count;    /* elements */
+    uint64_t size;     /* bytes per element, fixed by the format */
+} pres_area_t;
+
+/* ---- links ---------------------------------------------------------------
+ * A link is one 64-bit word.  bit 0 set: a nulls marker ending a chain,
+ * bits 1..63 naming the chain (its bucket, or for a user's device list the
+ * user's index).  bit 0 clear: bits 1..31 the record index, bits 32..63 the
+ * generation of the record when it was linked.  A reader that reaches a
+ * record whose generation differs, or a marker naming another chain, has
+ * been carried off its chain (or the region is damaged) and restarts.
+ */
+#define PRES_LINK_NULLS(chain)   ((((uint64_t)(chain)) << 1) | 1u)
+#define PRES_LINK(idx, gen)      ((((uint64_t)(gen)) << 32) | (((uint64_t)(idx)) << 1))
+#define PRES_LINK_IS_NULLS(l)    (((l) & 1u) != 0)
+#define PRES_LINK_CHAIN(l)       ((l) >> 1)
+#define PRES_LINK_IDX(l)         ((uint32_t)(((l) >> 1) & 0x7fffffffu))
+#define PRES_LINK_GEN(l)         ((uint32_t)((l) >> 32))
+/* A user's device-list head once the daemon has retired the user: no device
+ * may be linked to it any more. */
+#define PRES_LINK_RETIRED        (~(uint64_t)0)
+
+/* ---- the live word of a device ------------------------------------------
+ *   bits  0..39  expiry, CLOCK_MONOTONIC milliseconds (34 years of uptime)
+ *   bits 40..41  state (PRES_DS_*)
+ *   bits 42..49  seq: bumped by every publish of a connection copy; bit 0
+ *                selects the current copy of conn[]
+ *   bits 50..63  latch: 0 free, else (client index + 1) of the one writer
+ *                allowed to write the other copy
+ * Heartbeats change only the expiry, with one CAS; everything else about a
+ * connection is written into the idle copy under the latch and published by
+ * one CAS that flips seq.  See doc/region.md, "Device records".
+ */
+enum pres_dev_state {
+    PRES_DS_PENDING = 0,       /* allocated, being linked: invisible */
+    PRES_DS_CONNECTED = 1,     /* connected until the expiry */
+    PRES_DS_DISCONNECTED = 2,  /* ended by a disconnect or a gateway death */
+    PRES_DS_DEAD = 3           /* superseded or evicted: being unlinked */
+};
+
+#define PRES_LIVE_EXP_BITS     40
+#define PRES_LIVE_EXP_MASK     ((UINT64_C(1) << PRES_LIVE_EXP_BITS) - 1)
+#define PRES_LIVE_STATE(w)     ((unsigned)(((w) >> 40) & 3u))
+#define PRES_LIVE_SEQ(w)       ((unsigned)(((w) >> 42) & 0xffu))
+#define PRES_LIVE_LATCH(w)     ((unsigned)((w) >> 50))
+#define PRES_LIVE_EXPIRY(w)    ((w) & PRES_LIVE_EXP_MASK)
+#define PRES_LIVE_MAKE(exp, st, seq, latch) \
+    (((uint64_t)(exp) & PRES_LIVE_EXP_MASK) | ((uint64_t)(st) << 40) | \
+     ((uint64_t)((seq) & 0xffu) << 42) | ((uint64_t)(latch) << 50))
+#define PRES_LATCH_MAX         ((1u << 14) - 1)
+
+/* The activity word: bit 63 idle (PRES_IDLE until the next interaction),
+ * bits 0..62 the monotonic millisecond of the last interaction. */
+#define PRES_ACT_IDLE          (UINT64_C(1) << 63)
+#define PRES_ACT_TIME(w)       ((w) & ~PRES_ACT_IDLE)
+
+/* One connection's slow-changing facts: written only into the copy that
+ * is not current, by the latch holder.  Fields are read with relaxed
+ * atomic loads because a reader may race with a writer of the idle copy
+ * (it then notices the seq change and reads again). */
+typedef struct {
+    uint32_t gw;             /* gateway table index */
+    uint32_t flags;          /* PRES_CONN_DIED: ended by its gateway's death */
+    uint64_t connected_at;   /* wall ms */
+    uint64_t ended;          /* wall ms of the end (state DISCONNECTED) */
+} pres_conn_t;
+
+#define PRES_CONN_DIED   1u
+
+/* A record's alloc word: PRES_ALLOC_FREE while on the free stack (or never
+ * used); an allocator claims it (CAS to its token) before popping it, so a
+ * process killed between the two leaves a record the daemon can identify. */
+#define PRES_ALLOC_FREE   UINT64_C(0)
+#define PRES_ALLOC_POOLED UINT64_C(1)   /* in the daemon's private pool */
+#define PRES_ALLOC_RETIRED UINT64_C(2)  /* unlinked, waiting for a grace period */
+#define PRES_TOKEN(client, cgen)  ((((uint64_t)(client) + 1) << 48) | (((uint64_t)(cgen) & 0xffffu) << 32))
+#define PRES_TOKEN_CLIENT(t)      ((uint32_t)((t) >> 48) - 1)
+
+/* A device record: 192 bytes.  The first cache line holds what a heartbeat
+ * needs (link, live word, both TTLs) and the start of the key, so a lookup of
+ * a short id and a heartbeat each touch one line. */
+typedef struct {
+    uint64_t next;           /* hash chain link (free-stack link when free) */
+    uint64_t live;           /* see above */
+    uint32_t ttl[2];         /* TTL of conn[0], conn[1] */
+    uint32_t cid[2];         /* connection id of conn[0], conn[1]: bumped by
+                                each pres_connect, checked by pres_ref_t */
+    uint32_t gen;            /* bumped each time the slot is freed */
+    uint32_t user;           /* user record index; fixed while linked */
+    uint8_t  keylen;
+    char     key[PRES_ID_MAX];
+    uint64_t activity;       /* see above */
+    uint64_t unext;          /* the user's device list */
+    uint64_t alloc;          /* PRES_ALLOC_FREE, or the allocator's token */
+    pres_conn_t conn[2];
+    uint64_t typing[2];      /* reserved for typing (conversation, expiry) */
+} pres_dev_t;
+
+/* A user record: 128 bytes. */
+typedef struct {
+    uint64_t next;           /* hash chain link */
+    uint64_t dhead;          /* first device of the user (link), RETIRED */
+    uint32_t gen;
+    uint32_t flags;          /* reserved (privacy present, ...) */
+    uint64_t alloc;          /* PRES_ALLOC_FREE, or the allocator's token */
+    uint8_t  keylen;
+    char     key[PRES_ID_MAX];
+    uint64_t privacy;        /* reserved: the current policy version */
+    uint64_t last_seen;      /* reserved: wall ms, for the user view */
+    uint64_t status;         /* reserved: damped status word */
+    uint64_t spare;
+} pres_user_t;
+
+/* A gateway entry: 128 bytes, in an open-addressed table. */
+enum pres_gw_state { PRES_GW_EMPTY = 0, PRES_GW_FILLING = 1, PRES_GW_READY = 2 };
+typedef struct {
+    uint64_t state;          /* PRES_GW_* | (filler's client + 1) << 8 */
+    uint64_t owner;          /* client token of the attached process, 0 none,
+                                PRES_GW_CLOSED after its handle closed */
+    uint64_t died;           /* deaths handled by the daemon */
+    uint64_t spare;
+    uint8_t  keylen;
+    char     key[PRES_ID_MAX];
+    uint64_t spare2[4];
+} pres_gw_t;
+#define PRES_GW_CLOSED   UINT64_C(1)
+
+_Static_assert(sizeof(pres_dev_t) == 192, "device record layout");
+_Static_assert(sizeof(pres_user_t) == 128, "user record layout");
+_Static_assert(sizeof(pres_gw_t) == 128, "gateway entry layout");
+
+#define PRES_EXC_SIZE     64u
+#define PRES_CONV_SIZE    128u
+#define PRES_EVENT_SIZE   320u
+#define PRES_CHANGE_SIZE  8u
+
+/* ---- free-record rings ----------------------------------------------------
+ * The daemon (the one producer) offers free records to clients through a
+ * ring per record kind, as large as a power of two >= the capacity.  Slot
+ * word: bits 0..25 index + 1, bits 26..39 (client + 1) of the consumer that
+ * took it (0: not taken), bits 40..63 the lap (position / ring size).  A
+ * client takes a record by one CAS on the slot that writes its own client
+ * index into it, so a client killed at any instruction leaves either an
+ * untaken slot or a slot that names it: the daemon can always tell which
+ * records a dead client held (see doc/region.md, "Allocation").
+ */
+#define PRES_RING_MAKE(idx, owner1, lap) \
+    (((uint64_t)(idx) + 1) | ((uint64_t)(owner1) << 26) | ((uint64_t)((lap) & 0xffffffu) << 40))
+#define PRES_RING_IDX(s)     ((uint32_t)((s) & 0x3ffffffu) - 1)
+#define PRES_RING_OWNER1(s)  ((uint32_t)(((s) >> 26) & 0x3fffu))
+#define PRES_RING_LAP(s)     ((uint32_t)((s) >> 40))
+
+/* Counters the daemon keeps. */
+typedef struct {
+    uint64_t devices, connected, users;
+    uint64_t expirations, gateway_deaths, events, evictions, grace_periods;
+    uint64_t mirror_lag_ms;
+    uint64_t spare[7];
+} pres_dcounters_t;
+
+/* Counters a client keeps in its own client slot (no shared cache line on
+ * the hot path); pres_stats adds them up with those folded in from clients
+ * that have gone. */
+enum {
+    PRES_C_CONNECTS = 0, PRES_C_DISCONNECTS, PRES_C_HEARTBEATS,
+    PRES_C_LATE_HEARTBEATS, PRES_C_STALE_REPORTS, PRES_C_COUNT
+};
+
+/* The header of the records file. */
+typedef struct {
+    uint64_t magic;
+    uint32_t format;
+    uint32_t hdr_size;
+    uint64_t file_size;
+    uint64_t instance;            /* random; the readers file must match */
+    uint32_t ready;               /* 1 once fully built (set before rename) */
+    uint32_t areas_count;
+    pres_area_t area[PRES_AREA_COUNT];
+    uint64_t hash_seed;
+    char     boot_id[40];         /* /proc/sys/kernel/random/boot_id */
+    int64_t  timens_mono_s;       /* monotonic offset of the creator's time */
+    uint64_t created_wall_ms;
+    /* configuration (read by clients; changed only by the daemon) */
+    uint32_t idle_after_ms;
+    uint32_t offline_grace_ms;
+    uint64_t retain_ms;
+    uint8_t  pad0[PRES_CACHELINE];
+    /* free-record rings: consumer cursors (clients), producer cursors
+     * (daemon), each on its own cache line */
+    uint64_t dev_cons  __attribute__((aligned(PRES_CACHELINE)));
+    uint64_t user_cons __attribute__((aligned(PRES_CACHELINE)));
+    uint64_t dev_prod  __attribute__((aligned(PRES_CACHELINE)));
+    uint64_t user_prod;
+    /* written by the daemon */
+    pres_dcounters_t dc __attribute__((aligned(PRES_CACHELINE)));
+    uint64_t daemon_pid  __attribute__((aligned(PRES_CACHELINE)));
+    uint64_t daemon_beat_mono;    /* the daemon's clock at its last pass */
+    uint64_t oldest_reader_ms;    /* age of the oldest open read section */
+} pres_hdr_t;
+
+_Static_assert(sizeof(pres_hdr_t) <= PRES_HDR_SIZE, "header fits its page");
+
+/* ---- the readers file ----------------------------------------------------- */
+
+/* A client slot: one per attached handle.  pid == 0: free. */
+typedef struct {
+    uint64_t pid;            /* claimed by CAS 0 -> pid */
+    uint64_t start;          /* the process's start time (clock ticks since
+                                boot, /proc/PID/stat field 22): guards
+                                against pid reuse */
+    uint64_t gen;            /* bumped when the slot is freed */
+    uint64_t ready;          /* 1 once pid/start are filled */
+    uint64_t flags;          /* PRES_CL_RDWR */
+    uint64_t counters[PRES_C_COUNT];
+    uint64_t spare[6];
+} pres_client_t;
+#define PRES_CL_RDWR 1u
+_Static_assert(sizeof(pres_client_t) == 128, "client slot layout");
+
+/* A reader slot: one cache line, so readers never share a line. */
+typedef struct {
+    uint64_t epoch;          /* 0: outside read sections; else the grace
+                                period epoch seen on entry */
+    uint64_t owner;          /* 0 free; else PRES_RS_OWNER(client, gen, n) */
+    uint64_t counters[PRES_C_COUNT]; /* written by the owning thread only */
+    uint64_t pad[1];
+} pres_rslot_t;
+_Static_assert(sizeof(pres_rslot_t) == PRES_CACHELINE, "reader slot layout");
+
+#define PRES_RS_OWNER(client, cgen, n)  (PRES_TOKEN(client, cgen) | (uint32_t)(n))
+
+typedef struct {
+    uint64_t magic;
+    uint32_t format;
+    uint32_t hdr_size;
+    uint64_t file_size;
+    uint64_t instance;
+    uint32_t clients;
+    uint32_t reader_slots;
+    uint64_t off_clients;
+    uint64_t off_readers;
+    /* the grace-period epoch: starts at 1, advanced only by the daemon */
+    uint64_t gp_epoch __attribute__((aligned(PRES_CACHELINE)));
+    /* counters folded in from clients that are gone */
+    uint64_t folded[PRES_C_COUNT] __attribute__((aligned(PRES_CACHELINE)));
+} pres_rhdr_t;
+_Static_assert(sizeof(pres_rhdr_t) <= PRES_HDR_SIZE, "readers header fits");
+
+/* ---- a process's view of a store ---------------------------------------- */
+
+typedef struct {
+    uint8_t      *base;      /* records file mapping */
+    size_t        size;
+    uint8_t      *rbase;     /* readers file mapping */
+    size_t        rsize;
+    pres_hdr_t   *hdr;
+    pres_rhdr_t  *rhdr;
+    uint64_t     *dev_buckets;
+    uint64_t     *user_buckets;
+    pres_gw_t    *gws;
+    pres_dev_t   *devs;
+    pres_user_t  *users;
+    pres_client_t *clients;
+    pres_rslot_t *rslots;
+    uint64_t     *dev_ring, *user_ring;
+    uint64_t      dev_mask, user_mask;   /* buckets - 1 */
+    uint64_t      dev_rmask, user_rmask; /* ring size - 1 */
+    unsigned      dev_rshift, user_rshift; /* log2 ring size */
+    uint32_t      dev_cap, user_cap, gw_cap;
+    uint64_t      seed;
+} pres_map_t;
+
+typedef struct {
+    uint64_t dev_cap, user_cap, gw_cap;
+    uint64_t exceptions, convs, events, changes;
+    uint32_t idle_after_ms, offline_grace_ms;
+    uint64_t retain_ms;
+} pres_layout_params_t;
+
+/* Paths of the files of store `name` in dir; out has room for PATH_MAX. */
+int  pres__region_path(char *out, size_t cap, const char *name, const char *suffix);
+int  pres__region_name_ok(const char *name);
+const char *pres__region_dir(void);
+const char *pres__region_default_name(const char *name);
+
+/* Map the store's files.  rdwr selects the protection of the records file.
+ * Validates everything (magic, format, sizes, offsets, clock).  Returns 0,
+ * -ENOENT, -EPROTO, -EACCES. */
+int  pres__region_map(pres_map_t *m, const char *name, int rdwr);
+void pres__region_unmap(pres_map_t *m);
+/* Validate mapped headers (also used on adopt by the daemon). */
+int  pres__region_validate(const pres_map_t *m, uint64_t records_size, uint64_t readers_size);
+
+/* Daemon: build a new store under temporary names and publish it by rename.
+ * Returns 0 or a negative errno; on success *m maps it read-write. */
+int  pres__region_create(pres_map_t *m, const char *name, const pres_layout_params_t *lp);
+
+/* This process's identity for pid-reuse checks. */
+uint64_t pres__proc_start(int pid);
+/* The kernel's word on whether pid is the process that started at `start`
+ * (0: any): a zombie or a reused pid is dead.  A stopped process is alive. */
+int  pres__proc_alive(int pid, uint64_t start);
+int  pres__boot_id(char out[40]);
+int64_t pres__timens_mono_s(void);
+
+#endif /* PRES_REGION_H */

@@ -1,0 +1,174 @@
+/*
+ * store.h - a process's handle on a store, and the internal layers of the
+ * library: grace periods (pres__gp_), allocation (pres__alloc_), indexes
+ * (pres__idx_) and record reads (pres__dev_).
+ */
+#ifndef PRES_STORE_H
+#define PRES_STORE_H
+
+#include <errno.h>
+#include <pthread.h>
+#include <string.h>
+
+#include "atomics.h"
+#include "clock.h"
+#include "region.h"
+
+#define PRES_HIDDEN __attribute__((visibility("hidden")))
+
+struct pres {
+    pres_map_t   m;
+    int          rdwr;
+    uint32_t     client;        /* our client slot */
+    uint64_t     cgen;          /* its generation when we claimed it */
+    uint64_t     token;         /* PRES_TOKEN(client, cgen) */
+    unsigned     latch;         /* client + 1: our value in a live word */
+    uint64_t     id;            /* unique within the process */
+    pthread_mutex_t lock;       /* guards the lists below (slow paths only) */
+    uint32_t    *rslots;        /* reader slots claimed through this handle */
+    size_t       n_rslots, cap_rslots;
+    uint64_t     spare_user;    /* index + 1 of an unpublished user record */
+    uint32_t     gws[16];       /* gateways attached through this handle */
+    size_t       n_gws;
+    char         name[64];
+};
+
+/* ---- grace periods (gp.c) ------------------------------------------------ */
+
+/* A read section: while it is open, no record the caller can reach through
+ * the indexes is freed.  Sections nest; they are per (thread, handle). */
+typedef struct {
+    uint64_t       hid;
+    pres_rslot_t  *slot;
+    uint32_t       nest;
+    uint32_t       index;
+} pres_rs_t;
+
+#define PRES_TLS_RS 8
+extern __thread pres_rs_t pres__tls_rs[PRES_TLS_RS];
+PRES_HIDDEN pres_rs_t *pres__gp_claim(pres_t *p);
+
+static inline pres_rs_t *pres__gp_slot(pres_t *p)
+{
+    pres_rs_t *t = &pres__tls_rs[0];
+    if (__builtin_expect(t->hid == p->id, 1))
+        return t;
+    for (int i = 1; i < PRES_TLS_RS; i++)
+        if (pres__tls_rs[i].hid == p->id)
+            return &pres__tls_rs[i];
+    return pres__gp_claim(p);
+}
+
+/* Enter: publish the epoch we start in, then a full fence so that the
+ * daemon, which unlinks a record and then advances the epoch (a full
+ * barrier) before it scans the slots, either sees our epoch or we see the
+ * unlink: never both miss (the store->load order of Dekker's handshake). */
+static inline pres_rs_t *pres__gp_enter(pres_t *p)
+{
+    pres_rs_t *t = pres__gp_slot(p);
+    if (__builtin_expect(t == NULL, 0))
+        return NULL;
+    if (t->nest++ == 0) {
+        pa_store(&t->slot->epoch, pa_load(&p->m.rhdr->gp_epoch));
+        pa_fence();
+    }
+    return t;
+}
+
+/* Leave: release, so every read of the section happens before the daemon
+ * can see the slot quiescent and free what we were reading. */
+static inline void pres__gp_leave(pres_rs_t *t)
+{
+    if (--t->nest == 0)
+        pa_store_release(&t->slot->epoch, 0);
+}
+
+/* Counters live in the thread's reader slot: one writer, no lock prefix. */
+static inline void pres__count(pres_rs_t *t, int which)
+{
+    uint64_t *c = &t->slot->counters[which];
+    pa_store(c, pa_load(c) + 1);
+}
+
+PRES_HIDDEN int  pres__gp_client_register(pres_t *p);
+PRES_HIDDEN void pres__gp_client_release(pres_t *p);
+PRES_HIDDEN int  pres__client_alive(const pres_map_t *m, uint32_t client);
+
+/* Daemon side. */
+PRES_HIDDEN uint64_t pres__gp_advance(pres_map_t *m);
+PRES_HIDDEN uint64_t pres__gp_min_active(const pres_map_t *m, uint32_t *n_active);
+
+/* ---- allocation (alloc.c) ------------------------------------------------ */
+
+PRES_HIDDEN int pres__alloc_take(pres_t *p, int users, uint32_t *idx);
+
+/* ---- hashing and indexes (index.c) --------------------------------------- */
+
+static inline uint64_t pres__hash_mix(uint64_t x)
+{
+    x ^= x >> 32;
+    x *= UINT64_C(0xd6e8feb86659fd93);
+    x ^= x >> 32;
+    x *= UINT64_C(0xd6e8feb86659fd93);
+    x ^= x >> 32;
+    return x;
+}
+
+/* The same function and seed (from the header) in every process. */
+static inline uint64_t pres__hash(const char *key, size_t len, uint64_t seed)
+{
+    uint64_t h = seed ^ (len * UINT64_C(0x9e3779b97f4a7c15));
+    while (len >= 8) {
+        uint64_t v;
+        memcpy(&v, key, 8);
+        h = pres__hash_mix(h ^ v);
+        key += 8;
+        len -= 8;
+    }
+    uint64_t v = 0;
+    memcpy(&v, key, len);
+    return pres__hash_mix(h ^ v ^ ((uint64_t)len << 59));
+}
+
+static inline int pres__key_eq(const uint8_t *klen, const char *k, const char *key, size_t len)
+{
+    return *klen == len && memcmp(k, key, len) == 0;
+}
+
+/* Find the current record of a device: the first in its chain with the key
+ * that is CONNECTED or DISCONNECTED.  Call inside a read section.  Returns
+ * the index, -ENOENT, or -EPROTO (a chain that is too long, leaves the table
+ * or ends in another chain's marker). */
+PRES_HIDDEN int pres__idx_dev_find(const pres_map_t *m, const char *key, size_t len, uint64_t h);
+PRES_HIDDEN int pres__idx_user_find(const pres_map_t *m, const char *key, size_t len, uint64_t h);
+PRES_HIDDEN int pres__idx_user_get(pres_t *p, const char *key, size_t len, uint32_t *out);
+PRES_HIDDEN void pres__idx_dev_link_hash(pres_map_t *m, uint32_t i, uint64_t h);
+PRES_HIDDEN int pres__idx_gw_find(const pres_map_t *m, const char *key, size_t len);
+PRES_HIDDEN int pres__idx_gw_get(pres_t *p, const char *key, size_t len);
+
+/* ---- records (device.c) -------------------------------------------------- */
+
+/* A consistent snapshot of a device record. */
+typedef struct {
+    uint64_t live;
+    pres_conn_t c;
+    uint32_t ttl, cid;
+    uint64_t activity;
+} pres_snap_t;
+
+PRES_HIDDEN int  pres__dev_snap(const pres_map_t *m, uint32_t i, pres_snap_t *s);
+PRES_HIDDEN void pres__dev_info(const pres_map_t *m, uint32_t i, const pres_snap_t *s,
+                                uint64_t now_mono, uint64_t now_wall,
+                                pres_device_info_t *out);
+PRES_HIDDEN int  pres__id_check(const char *id, size_t *len);
+
+/* Copy a key of the region into a NUL-terminated buffer of PRES_ID_MAX + 1. */
+static inline void pres__key_out(char *dst, uint8_t len, const char *src)
+{
+    if (len > PRES_ID_MAX)
+        len = 0;
+    memcpy(dst, src, len);
+    dst[len] = '\0';
+}
+
+#endif /* PRES_STORE_H */
