@@ -240,7 +240,8 @@ static int parse_args(pd_config_t *c, int argc, char **argv)
                         "not starting with '.')\n", name);
         return -1;
     }
-    snprintf(c->name, sizeof c->name, "%s", name);
+    if (name != c->name)
+        snprintf(c->name, sizeof c->name, "%s", name);
     if (!c->users)
         c->users = c->capacity;
     if (!c->db[0]) {
