@@ -86,7 +86,7 @@ $(A): $(LIB_OBJ)
 # private interfaces, which the shared object does not export.
 $(BUILD)/presenced: $(DAEMON_OBJ) $(A)
 	@$(if $(Q),echo "  LD      $@")
-	$(Q)$(CC) -o $@ $^ $(ALL_LDFLAGS) -llmdb -lurcu-common -lpthread
+	$(Q)$(CC) -o $@ $^ $(ALL_LDFLAGS) -llmdb -lpthread
 
 $(BUILD)/presencectl: $(BUILD)/tools/presencectl.o $(A)
 	@$(if $(Q),echo "  LD      $@")
