@@ -133,7 +133,7 @@ check-asan:
 	  sh tests/run.sh build/asan $(notdir $(TEST_BIN))
 
 check-tsan:
-	$(Q)$(MAKE) --no-print-directory BUILD=build/tsan SAN='-fsanitize=thread' \
+	$(Q)$(MAKE) --no-print-directory BUILD=build/tsan SAN='-fsanitize=thread -Wno-tsan' \
 	  CFLAGS='-O1 -g' tests
 	$(Q)PRES_TEST_SANITIZED=1 TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1 \
 	  sh tests/run.sh build/tsan $(TSAN_TESTS)

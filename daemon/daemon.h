@@ -41,6 +41,14 @@ typedef struct {
 } pd_stack_t;
 
 typedef struct {
+    uint32_t idx;
+    uint32_t users;
+    uint64_t pos;                /* ring position it was taken at */
+    uint32_t client;             /* the taker, and its slot's generation */
+    uint64_t cgen;
+} pd_claim_t;
+
+typedef struct {
     pd_config_t    cfg;
     pres_map_t     m;
     int            lock_fd;
@@ -49,10 +57,17 @@ typedef struct {
     pd_retired_t  *ret;
     size_t         ret_n, ret_cap;
     uint64_t       dev_rc, user_rc;       /* ring positions reclaimed up to */
+    uint64_t      *dev_offered, *user_offered; /* ring position of the last offer */
+    pd_claim_t    *claims;                /* taken, not yet claimed, taker alive */
+    size_t         claims_n, claims_cap;
     uint64_t      *exp_seen;              /* per device: last expiry counted */
+    uint8_t       *unl;                   /* per device: out of hash / user list */
+    uint8_t       *dead_seen;             /* per record: DEAD at the last sweep */
     uint8_t       *user_empty;            /* per user: empty at the last pass */
-    uint32_t       scan_pos;              /* the device pass, in chunks */
-    uint64_t       pass_devices, pass_connected;
+    uint32_t      *gw_pending;            /* per gateway: incarnation dying */
+    uint64_t       hb_pos, ub_pos;        /* the passes, in chunks of buckets */
+    uint64_t       pass_devices, pass_connected, pass_users;
+    uint64_t       ticks;
     uint64_t       epoch_time[1024];      /* mono ms at which epoch e began */
     uint64_t       epoch_of[1024];
     uint64_t       last_tick_mono;
@@ -68,7 +83,7 @@ void pd_shutdown(pd_t *d);
 
 /* liveness.c */
 void pd_clients_init(pd_t *d);
-void pd_clients_poll(pd_t *d, void (*gone)(pd_t *, uint32_t, uint64_t token));
+void pd_clients_poll(pd_t *d, void (*gone)(pd_t *, uint32_t, uint64_t token, int dead));
 int  pd_client_live(const pd_t *d, uint32_t client);
 int  pd_token_live(const pd_t *d, uint64_t token);
 

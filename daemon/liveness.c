@@ -62,7 +62,7 @@ static int track(pd_client_t *c, uint64_t pid, uint64_t start, uint64_t gen)
     return c->alive;
 }
 
-void pd_clients_poll(pd_t *d, void (*gone)(pd_t *, uint32_t, uint64_t))
+void pd_clients_poll(pd_t *d, void (*gone)(pd_t *, uint32_t, uint64_t, int))
 {
     pres_map_t *m = &d->m;
     struct pollfd pfd[PRES_CLIENTS];
@@ -79,7 +79,7 @@ void pd_clients_poll(pd_t *d, void (*gone)(pd_t *, uint32_t, uint64_t))
              * already serve another): sweep what it may have left. */
             uint64_t tok = PRES_TOKEN(i, c->gen);
             untrack(c);
-            gone(d, i, tok);
+            gone(d, i, tok, 0);
         }
         if (!pid)
             continue;
@@ -133,7 +133,7 @@ void pd_clients_poll(pd_t *d, void (*gone)(pd_t *, uint32_t, uint64_t))
         uint64_t pid = c->pid;
         untrack(c);
         pd_log(LOG_INFO, "client %u (pid %llu) is dead", i, (unsigned long long)pid);
-        gone(d, i, tok);
+        gone(d, i, tok, 1);
         /* Free the slot for others, unless it was reused meanwhile. */
         pres_client_t *s = &m->clients[i];
         if (pa_load(&s->pid) == pid) {
@@ -153,7 +153,7 @@ int pd_client_live(const pd_t *d, uint32_t client)
         return 0;
     if (client == PRES_DAEMON_CLIENT || d->cl[client].alive)
         return 1;
-    return d->cl[client].pid == 0 && pa_load(&d->m.clients[client].pid) != 0;
+    return pa_load(&d->m.clients[client].pid) != 0;
 }
 
 int pd_token_live(const pd_t *d, uint64_t token)
@@ -165,8 +165,10 @@ int pd_token_live(const pd_t *d, uint64_t token)
     if (i == PRES_DAEMON_CLIENT)
         return 1;
     const pd_client_t *c = &d->cl[i];
-    if (c->alive)
-        return (c->gen & 0xffffu) == g;
+    if (c->alive && (c->gen & 0xffffu) == g)
+        return 1;
+    /* Not (yet) tracked under this generation: a client that attached
+     * since our last poll.  Live while its slot says so. */
     const pres_client_t *s = &d->m.clients[i];
-    return c->pid == 0 && pa_load(&s->pid) != 0 && (pa_load(&s->gen) & 0xffffu) == g;
+    return pa_load(&s->pid) != 0 && (pa_load(&s->gen) & 0xffffu) == g;
 }

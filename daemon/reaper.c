@@ -1,22 +1,26 @@
 /*
  * reaper.c - the daemon's passes: the one reclaimer of the store.
  *
- * Each tick (every PD_TICK_MS):
- *   1. clients: find the dead (liveness.c) and sweep what they held;
+ * Each tick (every 20 ms):
+ *   1. clients: find the dead (liveness.c) and repair what they held;
  *   2. gateways: end the connections of gateways whose process died or
  *      closed its handle;
- *   3. devices: a pass over a chunk of the device table (the whole table
- *      each second at most): repair latches and PENDING records of dead
- *      clients, evict devices offline longer than retain_ms, unlink DEAD
- *      records and retire them, count what is held and connected;
- *   4. users: retire users left without devices;
- *   5. grace periods: advance the epoch, free what every reader has passed;
- *   6. rings: take back records handed out and never claimed by a client
+ *   3. the device index, a chunk of buckets a tick: repair latches of dead
+ *      writers, evict devices offline longer than retain_ms, unlink DEAD
+ *      records from their chain (one walk per chain, never one walk per
+ *      record), count what is held and connected;
+ *   4. the user index, a chunk of buckets a tick: unlink DEAD devices from
+ *      each user's list, retire users left without devices;
+ *   5. a record-table sweep every few seconds for what no chain reaches
+ *      (records a client abandoned half-linked);
+ *   6. grace periods: advance the epoch, free what every reader passed;
+ *   7. rings: take back records handed out and never claimed by a client
  *      that died, and offer free records again.
  *
- * Nothing here blocks on a client.  The daemon writes a device's live word
- * only by CAS (clients may race it), interior links by plain release
- * stores (only the daemon writes them), and bucket heads by CAS.
+ * A device record is retired once it is out of both its hash chain and its
+ * user's list.  Nothing here waits for a client.  The daemon writes live
+ * words only by CAS (clients race it), interior links by release stores
+ * (only the daemon writes them), bucket and list heads by CAS.
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -28,27 +32,32 @@
 #include "daemon.h"
 #include "store.h"
 
-#define DAEMON_LATCH      (PRES_DAEMON_CLIENT + 1)
 #define LIVE_LATCH_MASK   (~(uint64_t)0 << 50)
 #define LIVE_STATE_MASK   (UINT64_C(3) << 40)
-/* The device pass visits at most this many records a tick, so a tick stays
- * short (a few ms) at any capacity; a small store is covered every tick. */
-#define PASS_CHUNK        65536u
+/* Buckets a pass visits a tick: at a million devices a pass of the whole
+ * index takes 16 ticks (~0.3 s) and a tick stays a few milliseconds. */
+#define BUCKETS_PER_TICK  65536u
+/* The record-table sweep runs every this many ticks (5 s). */
+#define SWEEP_TICKS       250u
+
+#define UNL_HASH 1u
+#define UNL_USER 2u
 
 /* ---- small helpers ------------------------------------------------------- */
 
-static int stack_push(pd_stack_t *s, uint32_t v)
+static void stack_push(pd_stack_t *s, uint32_t v)
 {
     if (s->n == s->cap) {
         size_t nc = s->cap ? s->cap * 2 : 1024;
         uint32_t *a = realloc(s->v, nc * sizeof *a);
-        if (!a)
-            return -ENOMEM;
+        if (!a) {
+            pd_log(LOG_ERR, "out of memory: record %u not pooled", v);
+            return;
+        }
         s->v = a;
         s->cap = nc;
     }
     s->v[s->n++] = v;
-    return 0;
 }
 
 static void retire(pd_t *d, uint32_t idx, int users)
@@ -66,12 +75,37 @@ static void retire(pd_t *d, uint32_t idx, int users)
     d->ret[d->ret_n++] = (pd_retired_t){ .idx = idx, .users = (uint32_t)users, .epoch = 0 };
 }
 
-/* ---- unlinking ---------------------------------------------------------------
- * Remove record i from a chain whose head is *head and whose next field for
- * a record is given by next_of.  The head is also written by clients
- * inserting, hence the CAS; interior links only by us.  The removed record
- * keeps its own next: a reader standing on it walks on.  Returns 1 if it
- * was found and unlinked, 0 if not in the chain, -1 if the chain is bad. */
+static void pool_back(pd_t *d, int users, uint32_t i)
+{
+    pres_map_t *m = &d->m;
+    pa_store(users ? &m->users[i].alloc : &m->devs[i].alloc, PRES_ALLOC_POOLED);
+    stack_push(users ? &d->user_pool : &d->dev_pool, i);
+}
+
+static int keylen_ok(uint8_t n)
+{
+    return n >= 1 && n <= PRES_ID_MAX;
+}
+
+/* Is the thread whose latch value this is still there?  (Untracked new
+ * clients count as alive: death is only ever the kernel's verdict.) */
+static int latch_live(const pd_t *d, unsigned latch)
+{
+    if (latch == PRES_DAEMON_LATCH)
+        return 0;                /* a previous daemon's, killed mid-write */
+    if (latch == 0 || latch > PRES_READER_SLOTS)
+        return 0;
+    uint64_t o = pa_load_acquire(&d->m.rslots[latch - 1].owner);
+    if (o == 0 || o == PRES_RS_SWEEPING)
+        return 0;
+    return pd_token_live(d, o & ~UINT64_C(0xffffffff));
+}
+
+/* ---- unlinking by walking (rare paths and list heads) ---------------------
+ * Remove record i from the chain at *head.  The head is also written by
+ * clients inserting, hence the CAS; interior links only by us.  The removed
+ * record keeps its own link: a reader standing on it walks on.  Returns 1
+ * unlinked, 0 not in the chain, -1 damaged or too contended. */
 static int unlink_from(uint64_t *head, uint32_t i, uint32_t gen, uint32_t cap,
                        uint64_t *(*next_of)(pres_map_t *, uint32_t), pres_map_t *m)
 {
@@ -105,52 +139,24 @@ static uint64_t *dev_next(pres_map_t *m, uint32_t j) { return &m->devs[j].next; 
 static uint64_t *dev_unext(pres_map_t *m, uint32_t j) { return &m->devs[j].unext; }
 static uint64_t *user_next(pres_map_t *m, uint32_t j) { return &m->users[j].next; }
 
-/* Unlink a DEAD device record from both indexes and retire it. */
-static void dev_unlink_retire(pd_t *d, uint32_t i)
+/* A device record out of both indexes waits for a grace period. */
+static void dev_maybe_retire(pd_t *d, uint32_t i, unsigned bit)
 {
-    pres_map_t *m = &d->m;
-    pres_dev_t *r = &m->devs[i];
-    uint32_t gen = pa_load(&r->gen);
-    if (r->keylen >= 1 && r->keylen <= PRES_ID_MAX) {
-        uint64_t h = pres__hash(r->key, r->keylen, m->seed);
-        if (unlink_from(&m->dev_buckets[h & m->dev_mask], i, gen, m->dev_cap, dev_next, m) < 0)
-            pd_log(LOG_WARN, "device bucket of record %u is damaged", i);
+    d->unl[i] |= (uint8_t)bit;
+    if (d->unl[i] == (UNL_HASH | UNL_USER)) {
+        d->unl[i] = 0;
+        d->dead_seen[i] = 0;
+        pa_store(&d->m.devs[i].alloc, PRES_ALLOC_RETIRED);
+        retire(d, i, 0);
     }
-    uint32_t u = pa_load(&r->user);
-    if (u < m->user_cap) {
-        uint64_t *head = &m->users[u].dhead;
-        if (pa_load(head) != PRES_LINK_RETIRED &&
-            unlink_from(head, i, gen, m->dev_cap, dev_unext, m) < 0)
-            pd_log(LOG_WARN, "device list of user record %u is damaged", u);
-    }
-    /* Only now, unreachable: the record waits for a grace period. */
-    pa_store(&r->alloc, PRES_ALLOC_RETIRED);
-    retire(d, i, 0);
-}
-
-static int user_linked(pres_map_t *m, uint32_t u)
-{
-    pres_user_t *r = &m->users[u];
-    if (r->keylen < 1 || r->keylen > PRES_ID_MAX)
-        return 0;
-    uint64_t h = pres__hash(r->key, r->keylen, m->seed);
-    uint64_t l = pa_load_acquire(&m->user_buckets[h & m->user_mask]);
-    for (uint32_t steps = 0; !PRES_LINK_IS_NULLS(l) && steps <= m->user_cap; steps++) {
-        uint32_t j = PRES_LINK_IDX(l);
-        if (j >= m->user_cap)
-            return 0;
-        if (j == u)
-            return 1;
-        l = pa_load_acquire(&m->users[j].next);
-    }
-    return 0;
 }
 
 /* ---- the daemon's own connection changes (gateway deaths) ----------------- */
 
-/* End record i's connection on behalf of its dead gateway.  Returns 0 done
- * (or nothing to do), -EBUSY if a live client holds its latch now. */
-static int dev_end_by_death(pd_t *d, uint32_t i, uint32_t gw, uint64_t nm, uint64_t nw)
+/* End record i's connection on behalf of its dead gateway, if it is a
+ * connection made before incarnation `inc`.  0 done (or nothing to do),
+ * -EBUSY if a live writer holds its latch now. */
+static int dev_end_by_death(pd_t *d, uint32_t i, uint32_t gw, uint32_t inc, uint64_t nm)
 {
     pres_map_t *m = &d->m;
     pres_dev_t *r = &m->devs[i];
@@ -159,33 +165,30 @@ static int dev_end_by_death(pd_t *d, uint32_t i, uint32_t gw, uint64_t nm, uint6
         if (PRES_LIVE_STATE(L) != PRES_DS_CONNECTED)
             return 0;
         unsigned k = PRES_LIVE_SEQ(L) & 1;
-        if (pa_load(&r->conn[k].gw) != gw)
+        if (pa_load(&r->conn[k].gw) != gw ||
+            PRES_CONN_INC(pa_load(&r->conn[k].flags)) == (inc & 0x7fffffffu))
             return 0;
         unsigned holder = PRES_LIVE_LATCH(L);
-        if (holder && holder != DAEMON_LATCH && pd_client_live(d, holder - 1))
+        if (holder && latch_live(d, holder))
             return -EBUSY;
-        uint64_t want = (L & ~LIVE_LATCH_MASK) | ((uint64_t)DAEMON_LATCH << 50);
+        uint64_t want = (L & ~LIVE_LATCH_MASK) | ((uint64_t)PRES_DAEMON_LATCH << 50);
         if (pa_cas(&r->live, &L, want)) {
             L = want;
             break;
         }
     }
+    pa_fence_release();
     unsigned k = PRES_LIVE_SEQ(L) & 1;
     uint64_t exp = PRES_LIVE_EXPIRY(L);
     uint32_t ttl = pa_load(&r->ttl[k]);
     int was_connected = exp > nm;
-    pres_conn_t c = {
-        .gw = pa_load(&r->conn[k].gw),
-        .flags = PRES_CONN_DIED,
-        .connected_at = pa_load(&r->conn[k].connected_at),
-        /* last seen: the moment the death was detected, or, for a
-         * connection whose TTL had already passed, its last sign of life */
-        .ended = was_connected ? nw : pres__mono_to_wall(exp > ttl ? exp - ttl : 0, nm, nw),
-    };
-    pa_store(&r->conn[k ^ 1].gw, c.gw);
-    pa_store(&r->conn[k ^ 1].flags, c.flags);
-    pa_store(&r->conn[k ^ 1].connected_at, c.connected_at);
-    pa_store(&r->conn[k ^ 1].ended, c.ended);
+    /* Last seen: the moment the death was detected, or, for a connection
+     * whose TTL had already passed, its last sign of life. */
+    uint64_t ended = pres__wall_of(m, was_connected ? nm : (exp > ttl ? exp - ttl : 0));
+    pa_store(&r->conn[k ^ 1].gw, pa_load(&r->conn[k].gw));
+    pa_store(&r->conn[k ^ 1].flags, pa_load(&r->conn[k].flags) | PRES_CONN_DIED);
+    pa_store(&r->conn[k ^ 1].connected_at, pa_load(&r->conn[k].connected_at));
+    pa_store(&r->conn[k ^ 1].ended, ended);
     pa_store(&r->ttl[k ^ 1], ttl);
     pa_store(&r->cid[k ^ 1], pa_load(&r->cid[k]));
     uint64_t newexp = was_connected ? nm : exp;
@@ -204,103 +207,106 @@ static int dev_end_by_death(pd_t *d, uint32_t i, uint32_t gw, uint64_t nm, uint6
     return 0;
 }
 
-/* A gateway died (or its handle closed): end its devices' connections.
- * Returns 0 when all are ended, -EBUSY to try again next tick. */
-static int gateway_death(pd_t *d, uint32_t g)
+/* End the connections of gateway g made before incarnation inc.  0 when all
+ * are ended, -EBUSY to try again next tick. */
+static int gateway_death(pd_t *d, uint32_t g, uint32_t inc)
 {
     pres_map_t *m = &d->m;
-    uint64_t nm = pres__mono_ms(), nw = pres__wall_ms();
+    uint64_t nm = pres__mono_ms();
     int busy = 0, n = 0;
     for (uint32_t i = 0; i < m->dev_cap; i++) {
         pres_dev_t *r = &m->devs[i];
         uint64_t L = pa_load(&r->live);
-        if (PRES_LIVE_STATE(L) != PRES_DS_CONNECTED)
+        if (PRES_LIVE_STATE(L) != PRES_DS_CONNECTED ||
+            pa_load(&r->conn[PRES_LIVE_SEQ(L) & 1].gw) != g)
             continue;
-        if (pa_load(&r->conn[PRES_LIVE_SEQ(L) & 1].gw) != g)
-            continue;
-        if (dev_end_by_death(d, i, g, nm, nw) < 0)
+        if (dev_end_by_death(d, i, g, inc, nm) < 0)
             busy = 1;
         else
             n++;
     }
-    pd_log(LOG_INFO, "gateway %.*s: %d connections ended", (int)m->gws[g].keylen,
-           m->gws[g].key, n);
+    const pres_gw_t *e = &m->gws[g];
+    pd_log(LOG_INFO, "gateway %.*s: connections ended (%d records)",
+           keylen_ok(e->keylen) ? (int)e->keylen : 0, e->key, n);
     return busy ? -EBUSY : 0;
 }
-
-static uint8_t *gw_pending;
 
 static void gateways_pass(pd_t *d)
 {
     pres_map_t *m = &d->m;
-    if (!gw_pending)
-        gw_pending = calloc(m->gw_cap, 1);
     for (uint32_t g = 0; g < m->gw_cap; g++) {
         pres_gw_t *e = &m->gws[g];
         uint64_t s = pa_load_acquire(&e->state);
         if ((s & 0xff) == PRES_GW_EMPTY)
             continue;
         if ((s & 0xff) == PRES_GW_FILLING) {
-            unsigned filler = (unsigned)(s >> 8);
-            if (filler && !pd_client_live(d, filler - 1)) {
-                /* Left half-written: a tombstone no key matches. */
-                e->keylen = 0;
+            unsigned filler = (unsigned)((s >> 8) & 0xffffffu);
+            if (!filler || filler > PRES_CLIENTS || !pd_client_live(d, filler - 1)) {
+                e->keylen = 0;       /* half-written: a tombstone no key matches */
                 pa_store_release(&e->state, PRES_GW_READY);
             }
             continue;
         }
         uint64_t owner = pa_load_acquire(&e->owner);
-        if (owner && (owner == PRES_GW_CLOSED || !pd_token_live(d, owner))) {
-            /* Only if nobody took the id over meanwhile. */
-            if (pa_cas(&e->owner, &owner, 0)) {
+        if (owner && owner != PRES_GW_DYING &&
+            (owner == PRES_GW_CLOSED || !pd_token_live(d, owner))) {
+            /* DYING stays in the region until every connection is ended,
+             * so a daemon restarted meanwhile finishes the job.  A process
+             * attaching the id again replaces it: its connections carry
+             * the next incarnation and are left alone. */
+            if (pa_cas(&e->owner, &owner, PRES_GW_DYING)) {
+                uint64_t inc = pa_fetch_add(&e->died, 1) + 1;
                 pa_add_relaxed(&m->hdr->dc.gateway_deaths, 1);
-                pa_add_relaxed(&e->died, 1);
-                if (gw_pending)
-                    gw_pending[g] = 1;
+                d->gw_pending[g] = (uint32_t)inc | 0x80000000u;
             }
+        } else if (owner == PRES_GW_DYING && !d->gw_pending[g]) {
+            d->gw_pending[g] = (uint32_t)pa_load(&e->died) | 0x80000000u;
         }
-        if (gw_pending && gw_pending[g] && gateway_death(d, g) == 0)
-            gw_pending[g] = 0;
+        if (d->gw_pending[g] && gateway_death(d, g, d->gw_pending[g] & 0x7fffffffu) == 0) {
+            d->gw_pending[g] = 0;
+            uint64_t exp = PRES_GW_DYING;
+            pa_cas(&e->owner, &exp, 0);
+        }
     }
 }
 
-/* ---- a dead or departed client ---------------------------------------------- */
+/* ---- a client that is gone ---------------------------------------------------- */
 
-static void client_gone(pd_t *d, uint32_t client, uint64_t token)
+/* Clear a reader slot: first claim it for ourselves (no client claims a
+ * SWEEPING slot), so a slot freed and claimed again since we looked is
+ * never wiped under its new reader. */
+static int rslot_sweep(pd_t *d, uint32_t i, uint64_t o)
 {
     pres_map_t *m = &d->m;
-    /* Its reader slots: a dead reader stops holding back grace periods. */
-    for (uint32_t i = 0; i < PRES_READER_SLOTS; i++) {
-        pres_rslot_t *s = &m->rslots[i];
-        uint64_t o = pa_load_acquire(&s->owner);
-        if (!o || (o & ~UINT64_C(0xffffffff)) != token)
-            continue;
-        for (int k = 0; k < PRES_C_COUNT; k++) {
-            uint64_t v = pa_load(&s->counters[k]);
-            if (v)
-                pa_add_relaxed(&m->rhdr->folded[k], v);
-            pa_store(&s->counters[k], 0);
-        }
-        pa_store(&s->epoch, 0);
-        pa_store_release(&s->owner, 0);
+    pres_rslot_t *s = &m->rslots[i];
+    if (!pa_cas(&s->owner, &o, PRES_RS_SWEEPING))
+        return 0;
+    for (int k = 0; k < PRES_C_COUNT; k++) {
+        uint64_t v = pa_load(&s->counters[k]);
+        if (v)
+            pa_add_relaxed(&m->rhdr->folded[k], v);
+        pa_store(&s->counters[k], 0);
     }
-    pres_client_t *c = &m->clients[client];
-    if (((pa_load(&c->gen)) & 0xffffu) == ((token >> 32) & 0xffffu)) {
-        for (int k = 0; k < PRES_C_COUNT; k++) {
-            uint64_t v = pa_load(&c->counters[k]);
-            if (v)
-                pa_add_relaxed(&m->rhdr->folded[k], v);
-            pa_store(&c->counters[k], 0);
-        }
-    }
-    /* Latches it held and records it was connecting: repaired now, before
-     * its client index can serve another process. */
+    pa_store(&s->epoch, 0);
+    pa_store_release(&s->owner, 0);
+    return 1;
+}
+
+static void client_dead_records(pd_t *d, uint32_t client, uint64_t token, const uint8_t *slots)
+{
+    pres_map_t *m = &d->m;
+    /* Latches its threads held, and records it was connecting. */
     for (uint32_t i = 0; i < m->dev_cap; i++) {
         pres_dev_t *r = &m->devs[i];
         uint64_t L = pa_load_acquire(&r->live);
-        while (PRES_LIVE_LATCH(L) == client + 1) {
+        for (;;) {
+            unsigned holder = PRES_LIVE_LATCH(L), st = PRES_LIVE_STATE(L);
+            int mine = holder && holder <= PRES_READER_SLOTS && slots[holder - 1];
+            int orphan = st == PRES_DS_PENDING && holder == 0 && pa_load(&r->alloc) == token;
+            if (!mine && !orphan)
+                break;
             uint64_t want = L & ~LIVE_LATCH_MASK;
-            if (PRES_LIVE_STATE(L) == PRES_DS_PENDING)
+            if (st == PRES_DS_PENDING)
                 want = (want & ~LIVE_STATE_MASK) | ((uint64_t)PRES_DS_DEAD << 40);
             if (pa_cas(&r->live, &L, want))
                 break;
@@ -310,8 +316,8 @@ static void client_gone(pd_t *d, uint32_t client, uint64_t token)
     for (uint32_t g = 0; g < m->gw_cap; g++) {
         pres_gw_t *e = &m->gws[g];
         uint64_t s = pa_load_acquire(&e->state);
-        if ((s & 0xff) == PRES_GW_FILLING && (s >> 8) == client + 1) {
-            e->keylen = 0;           /* a tombstone no key matches */
+        if ((s & 0xff) == PRES_GW_FILLING && ((s >> 8) & 0xffffffu) == client + 1) {
+            e->keylen = 0;
             pa_store_release(&e->state, PRES_GW_READY);
         }
     }
@@ -321,25 +327,58 @@ static void client_gone(pd_t *d, uint32_t client, uint64_t token)
         uint64_t size = (users ? m->user_rmask : m->dev_rmask) + 1;
         unsigned shift = users ? m->user_rshift : m->dev_rshift;
         uint64_t cons = pa_load_acquire(users ? &m->hdr->user_cons : &m->hdr->dev_cons);
+        uint64_t *offered = users ? d->user_offered : d->dev_offered;
         uint32_t cap = users ? m->user_cap : m->dev_cap;
-        for (uint64_t p = users ? d->user_rc : d->dev_rc; p < cons; p++) {
+        uint64_t from = users ? d->user_rc : d->dev_rc;
+        if (cons - from > size)
+            from = cons - size;
+        for (uint64_t p = from; p < cons; p++) {
             uint64_t s = pa_load_acquire(&ring[p & (size - 1)]);
-            if (PRES_RING_LAP(s) != ((p >> shift) & 0xffffffu) ||
-                PRES_RING_OWNER1(s) != client + 1 || PRES_RING_IDX(s) >= cap)
-                continue;
             uint32_t i = PRES_RING_IDX(s);
-            uint64_t *alloc = users ? &m->users[i].alloc : &m->devs[i].alloc;
-            if (pa_load(alloc) == PRES_ALLOC_FREE) {
-                pa_store(alloc, PRES_ALLOC_POOLED);
-                stack_push(users ? &d->user_pool : &d->dev_pool, i);
-            }
+            if (PRES_RING_LAP(s) != ((p >> shift) & 0xffffffu) ||
+                PRES_RING_OWNER1(s) != client + 1 || i >= cap || offered[i] != p)
+                continue;
+            if (pa_load(users ? &m->users[i].alloc : &m->devs[i].alloc) == PRES_ALLOC_FREE)
+                pool_back(d, users, i);
         }
     }
-    /* Its gateways end their connections; its other records (unpublished
-     * users, PENDING devices) are found by the next full pass. */
-    d->scan_pos = 0;
-    d->pass_devices = d->pass_connected = 0;
-    gateways_pass(d);
+    for (size_t k = 0; k < d->claims_n; k++) {
+        pd_claim_t *c = &d->claims[k];
+        uint64_t *alloc = c->users ? &m->users[c->idx].alloc : &m->devs[c->idx].alloc;
+        uint64_t *offered = c->users ? d->user_offered : d->dev_offered;
+        if (c->client == client && offered[c->idx] == c->pos && pa_load(alloc) == PRES_ALLOC_FREE)
+            pool_back(d, (int)c->users, c->idx);
+    }
+}
+
+/* A client closed its handle (dead == 0) or died (dead == 1).  A clean close
+ * left nothing behind but what its token names; a death may have left
+ * anything its client index names, repaired here before the index is
+ * given to another process. */
+static void client_gone(pd_t *d, uint32_t client, uint64_t token, int dead)
+{
+    pres_map_t *m = &d->m;
+    uint8_t slots[PRES_READER_SLOTS];
+    memset(slots, 0, sizeof slots);
+    for (uint32_t i = 0; i < PRES_READER_SLOTS; i++) {
+        uint64_t o = pa_load_acquire(&m->rslots[i].owner);
+        if (o && o != PRES_RS_SWEEPING && (o & ~UINT64_C(0xffffffff)) == token)
+            slots[i] = 1;
+    }
+    if (dead)
+        client_dead_records(d, client, token, slots);
+    for (uint32_t i = 0; i < PRES_READER_SLOTS; i++)
+        if (slots[i])
+            rslot_sweep(d, i, pa_load_acquire(&m->rslots[i].owner));
+    pres_client_t *c = &m->clients[client];
+    if (dead && (pa_load(&c->gen) & 0xffffu) == ((token >> 32) & 0xffffu)) {
+        for (int k = 0; k < PRES_C_COUNT; k++) {
+            uint64_t v = pa_load(&c->counters[k]);
+            if (v)
+                pa_add_relaxed(&m->rhdr->folded[k], v);
+            pa_store(&c->counters[k], 0);
+        }
+    }
 }
 
 /* Reader slots whose client slot was freed or reused without them being
@@ -348,166 +387,314 @@ static void readers_sweep(pd_t *d)
 {
     pres_map_t *m = &d->m;
     for (uint32_t i = 0; i < PRES_READER_SLOTS; i++) {
-        pres_rslot_t *s = &m->rslots[i];
-        uint64_t o = pa_load_acquire(&s->owner);
+        uint64_t o = pa_load_acquire(&m->rslots[i].owner);
         if (!o)
             continue;
+        if (o == PRES_RS_SWEEPING) {
+            /* A previous daemon was killed while sweeping it. */
+            pa_store(&m->rslots[i].epoch, 0);
+            pa_cas(&m->rslots[i].owner, &o, 0);
+            continue;
+        }
         uint32_t cl = PRES_TOKEN_CLIENT(o);
         const pres_client_t *c = cl < PRES_CLIENTS ? &m->clients[cl] : NULL;
-        if (c && pa_load(&c->pid) != 0 &&
-            (pa_load(&c->gen) & 0xffffu) == ((o >> 32) & 0xffffu))
+        if (c && pa_load(&c->pid) != 0 && (pa_load(&c->gen) & 0xffffu) == ((o >> 32) & 0xffffu))
             continue;
-        for (int k = 0; k < PRES_C_COUNT; k++) {
-            uint64_t v = pa_load(&s->counters[k]);
-            if (v)
-                pa_add_relaxed(&m->rhdr->folded[k], v);
-            pa_store(&s->counters[k], 0);
-        }
-        pa_store(&s->epoch, 0);
-        uint64_t exp = o;
-        pa_cas(&s->owner, &exp, 0);
+        rslot_sweep(d, i, o);
     }
 }
 
-/* ---- the device pass -------------------------------------------------------- */
+/* ---- the device index pass -------------------------------------------------- */
 
-static void dev_visit(pd_t *d, uint32_t i, uint64_t nm, uint64_t nw)
+/* Look at one linked device record: repair, evict, count.  Returns its
+ * state afterwards (DEAD: unlink it). */
+static unsigned dev_examine(pd_t *d, uint32_t i, uint64_t nm, uint64_t nw)
 {
     pres_map_t *m = &d->m;
     pres_dev_t *r = &m->devs[i];
-    uint64_t a = pa_load(&r->alloc);
-    if (a == PRES_ALLOC_FREE || a == PRES_ALLOC_POOLED || a == PRES_ALLOC_RETIRED)
-        return;
     uint64_t L = pa_load_acquire(&r->live);
     unsigned st = PRES_LIVE_STATE(L), holder = PRES_LIVE_LATCH(L);
 
-    /* A latch whose holder died: drop it (the idle copy it was writing is
-     * never read).  A PENDING record of a dead client was never published:
-     * it goes. */
-    if (holder && (holder == DAEMON_LATCH || !pd_client_live(d, holder - 1))) {
+    /* A latch whose holder is gone: drop it (the idle copy it was writing
+     * is never read).  A PENDING record of a gone writer was never
+     * published: it goes. */
+    if (holder && !latch_live(d, holder)) {
         uint64_t want = L & ~LIVE_LATCH_MASK;
         if (st == PRES_DS_PENDING)
             want = (want & ~LIVE_STATE_MASK) | ((uint64_t)PRES_DS_DEAD << 40);
         if (!pa_cas(&r->live, &L, want))
-            return;                  /* changed under us: next pass */
+            return PRES_LIVE_STATE(L) == PRES_DS_DEAD ? PRES_DS_DEAD : PRES_DS_PENDING;
         L = want;
         st = PRES_LIVE_STATE(L);
         holder = 0;
     }
-    if (st == PRES_DS_PENDING && holder == 0 && !pd_token_live(d, a)) {
+    if (st == PRES_DS_PENDING && holder == 0 && !pd_token_live(d, pa_load(&r->alloc))) {
         uint64_t want = (L & ~LIVE_STATE_MASK) | ((uint64_t)PRES_DS_DEAD << 40);
-        if (!pa_cas(&r->live, &L, want))
-            return;
-        st = PRES_DS_DEAD;
+        if (pa_cas(&r->live, &L, want))
+            return PRES_DS_DEAD;
     }
-    if (st == PRES_DS_PENDING)
-        return;                      /* a live client is connecting it */
+    if (st == PRES_DS_PENDING || st == PRES_DS_DEAD)
+        return st;
 
-    if (st != PRES_DS_DEAD && holder == 0) {
-        unsigned k = PRES_LIVE_SEQ(L) & 1;
-        uint64_t exp = PRES_LIVE_EXPIRY(L);
-        uint64_t ended_wall = st == PRES_DS_DISCONNECTED ? pa_load(&r->conn[k].ended) : 0;
-        int evict = 0;
-        if (st == PRES_DS_DISCONNECTED)
-            evict = nw > ended_wall && nw - ended_wall > d->cfg.retain_ms;
-        else
+    unsigned k = PRES_LIVE_SEQ(L) & 1;
+    uint64_t exp = PRES_LIVE_EXPIRY(L);
+    if (holder == 0) {
+        int evict;
+        if (st == PRES_DS_DISCONNECTED) {
+            uint64_t ended = pa_load(&r->conn[k].ended);
+            evict = nw > ended && nw - ended > d->cfg.retain_ms;
+        } else {
             evict = nm > exp && nm - exp > d->cfg.retain_ms;
-        if (evict) {
-            uint64_t want = (L & ~LIVE_STATE_MASK) | ((uint64_t)PRES_DS_DEAD << 40);
-            if (pa_cas(&r->live, &L, want)) {
-                pa_add_relaxed(&m->hdr->dc.evictions, 1);
-                st = PRES_DS_DEAD;
-            }
+        }
+        /* The CAS fails if a client refreshed the record meanwhile. */
+        if (evict && pa_cas(&r->live, &L, (L & ~LIVE_STATE_MASK) | ((uint64_t)PRES_DS_DEAD << 40))) {
+            pa_add_relaxed(&m->hdr->dc.evictions, 1);
+            return PRES_DS_DEAD;
         }
     }
-    if (st == PRES_DS_DEAD) {
-        dev_unlink_retire(d, i);
-        return;
-    }
     d->pass_devices++;
-    uint64_t exp = PRES_LIVE_EXPIRY(L);
     if (st == PRES_DS_CONNECTED) {
         if (exp > nm) {
             d->pass_connected++;
         } else if (d->exp_seen[i] != exp) {
-            /* A connection whose TTL passed: counted once. */
-            d->exp_seen[i] = exp;
+            d->exp_seen[i] = exp;              /* a TTL passed: counted once */
             pa_add_relaxed(&m->hdr->dc.expirations, 1);
         }
     }
+    return st;
 }
 
-static void devices_pass(pd_t *d, uint64_t nm, uint64_t nw)
+static void dev_chain_pass(pd_t *d, uint64_t b, uint64_t nm, uint64_t nw)
 {
     pres_map_t *m = &d->m;
-    uint32_t end = d->scan_pos + PASS_CHUNK;
-    if (end > m->dev_cap)
-        end = m->dev_cap;
-    for (uint32_t i = d->scan_pos; i < end; i++)
-        dev_visit(d, i, nm, nw);
-    d->scan_pos = end;
-    if (end == m->dev_cap) {
-        pa_store(&m->hdr->dc.devices, d->pass_devices);
-        pa_store(&m->hdr->dc.connected, d->pass_connected);
-        d->scan_pos = 0;
-        d->pass_devices = d->pass_connected = 0;
+    uint64_t *head = &m->dev_buckets[b];
+    uint64_t *prev = head;
+    uint64_t l = pa_load_acquire(prev);
+    for (uint32_t steps = 0; !PRES_LINK_IS_NULLS(l); ) {
+        uint32_t i = PRES_LINK_IDX(l);
+        if (i >= m->dev_cap || ++steps > m->dev_cap ||
+            pa_load(&m->devs[i].gen) != PRES_LINK_GEN(l)) {
+            pd_log(LOG_WARN, "device bucket %llu is damaged", (unsigned long long)b);
+            return;
+        }
+        uint64_t nxt = pa_load_acquire(&m->devs[i].next);
+        if (dev_examine(d, i, nm, nw) == PRES_DS_DEAD) {
+            int rc = prev == head ? unlink_from(head, i, PRES_LINK_GEN(l), m->dev_cap, dev_next, m)
+                                  : (pa_store_release(prev, nxt), 1);
+            if (rc != 1)
+                return;              /* damaged or contended: next pass */
+            dev_maybe_retire(d, i, UNL_HASH);
+            if (prev == head) {
+                /* The head may have moved: walk on from what it is now. */
+                prev = head;
+                l = pa_load_acquire(prev);
+                steps = 0;
+                continue;
+            }
+            l = nxt;
+            continue;
+        }
+        prev = &m->devs[i].next;
+        l = nxt;
     }
 }
 
-/* ---- users ---------------------------------------------------------------------- */
-
-static void users_pass(pd_t *d)
+/* A user's device list: unlink the DEAD.  Returns the devices left. */
+static uint32_t user_list_pass(pd_t *d, uint32_t u)
 {
     pres_map_t *m = &d->m;
-    uint64_t users = 0;
-    for (uint32_t u = 0; u < m->user_cap; u++) {
+    uint64_t *head = &m->users[u].dhead;
+    uint64_t *prev = head;
+    uint64_t l = pa_load_acquire(prev);
+    uint32_t n = 0;
+    if (l == PRES_LINK_RETIRED)
+        return 0;
+    for (uint32_t steps = 0; !PRES_LINK_IS_NULLS(l); ) {
+        uint32_t i = PRES_LINK_IDX(l);
+        if (i >= m->dev_cap || ++steps > m->dev_cap ||
+            pa_load(&m->devs[i].gen) != PRES_LINK_GEN(l)) {
+            pd_log(LOG_WARN, "device list of user record %u is damaged", u);
+            return 1;
+        }
+        uint64_t nxt = pa_load_acquire(&m->devs[i].unext);
+        if (PRES_LIVE_STATE(pa_load_acquire(&m->devs[i].live)) == PRES_DS_DEAD) {
+            int rc = prev == head ? unlink_from(head, i, PRES_LINK_GEN(l), m->dev_cap, dev_unext, m)
+                                  : (pa_store_release(prev, nxt), 1);
+            if (rc != 1)
+                return n + 1;
+            dev_maybe_retire(d, i, UNL_USER);
+            if (prev == head) {
+                l = pa_load_acquire(prev);
+                steps = 0;
+                continue;
+            }
+            l = nxt;
+            continue;
+        }
+        n++;
+        prev = &m->devs[i].unext;
+        l = nxt;
+    }
+    return n;
+}
+
+static void user_chain_pass(pd_t *d, uint64_t b)
+{
+    pres_map_t *m = &d->m;
+    uint64_t *head = &m->user_buckets[b];
+    uint64_t *prev = head;
+    uint64_t l = pa_load_acquire(prev);
+    for (uint32_t steps = 0; !PRES_LINK_IS_NULLS(l); ) {
+        uint32_t u = PRES_LINK_IDX(l);
+        if (u >= m->user_cap || ++steps > m->user_cap ||
+            pa_load(&m->users[u].gen) != PRES_LINK_GEN(l)) {
+            pd_log(LOG_WARN, "user bucket %llu is damaged", (unsigned long long)b);
+            return;
+        }
         pres_user_t *r = &m->users[u];
-        uint64_t a = pa_load(&r->alloc);
-        if (a == PRES_ALLOC_FREE || a == PRES_ALLOC_POOLED || a == PRES_ALLOC_RETIRED)
-            continue;
-        uint64_t head = pa_load_acquire(&r->dhead);
-        if (!user_linked(m, u)) {
-            /* Taken by a client and never published (a spare of a handle,
-             * or a client killed while creating it). */
-            if (!pd_token_live(d, a)) {
-                pa_store(&r->alloc, PRES_ALLOC_POOLED);
-                stack_push(&d->user_pool, u);
-            }
-            continue;
-        }
-        if (head == PRES_LINK_RETIRED) {
-            if (unlink_from(&m->user_buckets[pres__hash(r->key, r->keylen, m->seed) & m->user_mask],
-                            u, pa_load(&r->gen), m->user_cap, user_next, m) >= 0) {
-                pa_store(&r->alloc, PRES_ALLOC_RETIRED);
-                retire(d, u, 1);
-            }
-            continue;
-        }
-        users++;
+        uint64_t nxt = pa_load_acquire(&r->next);
+        uint32_t n = user_list_pass(d, u);
+        uint64_t dh = pa_load_acquire(&r->dhead);
+        int retire_it = dh == PRES_LINK_RETIRED;
         /* A user without devices (and without a privacy policy to keep) is
          * retired when found empty on two passes in a row: a connect links
          * its device within microseconds of creating the user. */
-        if (head == PRES_LINK_NULLS(u) && pa_load(&r->privacy) == 0) {
+        if (!retire_it && n == 0 && dh == PRES_LINK_NULLS(u) && pa_load(&r->privacy) == 0) {
             if (d->user_empty[u]) {
-                uint64_t exp = head;
-                if (pa_cas(&r->dhead, &exp, PRES_LINK_RETIRED)) {
-                    d->user_empty[u] = 0;
-                    users--;
-                    uint64_t h = pres__hash(r->key, r->keylen, m->seed);
-                    if (unlink_from(&m->user_buckets[h & m->user_mask], u, pa_load(&r->gen),
-                                    m->user_cap, user_next, m) >= 0) {
-                        pa_store(&r->alloc, PRES_ALLOC_RETIRED);
-                        retire(d, u, 1);
-                    }
-                }
+                uint64_t exp = dh;
+                retire_it = pa_cas(&r->dhead, &exp, PRES_LINK_RETIRED);
             } else {
                 d->user_empty[u] = 1;
             }
-        } else {
+        } else if (!retire_it) {
             d->user_empty[u] = 0;
         }
+        if (retire_it) {
+            int rc = prev == head ? unlink_from(head, u, PRES_LINK_GEN(l), m->user_cap, user_next, m)
+                                  : (pa_store_release(prev, nxt), 1);
+            if (rc != 1)
+                return;
+            d->user_empty[u] = 0;
+            pa_store(&r->alloc, PRES_ALLOC_RETIRED);
+            retire(d, u, 1);
+            if (prev == head) {
+                l = pa_load_acquire(prev);
+                steps = 0;
+                continue;
+            }
+            l = nxt;
+            continue;
+        }
+        d->pass_users++;
+        prev = &r->next;
+        l = nxt;
     }
-    pa_store(&m->hdr->dc.users, users);
+}
+
+static void index_passes(pd_t *d, uint64_t nm, uint64_t nw)
+{
+    pres_map_t *m = &d->m;
+    uint64_t end = d->hb_pos + BUCKETS_PER_TICK;
+    if (end > m->dev_mask + 1)
+        end = m->dev_mask + 1;
+    for (uint64_t b = d->hb_pos; b < end; b++)
+        dev_chain_pass(d, b, nm, nw);
+    d->hb_pos = end;
+    if (end == m->dev_mask + 1) {
+        pa_store(&m->hdr->dc.devices, d->pass_devices);
+        pa_store(&m->hdr->dc.connected, d->pass_connected);
+        d->hb_pos = 0;
+        d->pass_devices = d->pass_connected = 0;
+    }
+    end = d->ub_pos + BUCKETS_PER_TICK;
+    if (end > m->user_mask + 1)
+        end = m->user_mask + 1;
+    for (uint64_t b = d->ub_pos; b < end; b++)
+        user_chain_pass(d, b);
+    d->ub_pos = end;
+    if (end == m->user_mask + 1) {
+        pa_store(&m->hdr->dc.users, d->pass_users);
+        d->ub_pos = 0;
+        d->pass_users = 0;
+    }
+}
+
+/* ---- the record-table sweep ----------------------------------------------------- */
+
+static int user_linked(pres_map_t *m, uint32_t u)
+{
+    pres_user_t *r = &m->users[u];
+    if (!keylen_ok(r->keylen))
+        return 0;
+    uint64_t h = pres__hash(r->key, r->keylen, m->seed);
+    uint64_t l = pa_load_acquire(&m->user_buckets[h & m->user_mask]);
+    for (uint32_t steps = 0; !PRES_LINK_IS_NULLS(l) && steps <= m->user_cap; steps++) {
+        uint32_t j = PRES_LINK_IDX(l);
+        if (j >= m->user_cap)
+            return 0;
+        if (j == u)
+            return 1;
+        l = pa_load_acquire(&m->users[j].next);
+    }
+    return 0;
+}
+
+/* What no chain walk reaches: DEAD records out of one index or both (a
+ * client killed between linking a record into its user's list and into
+ * the hash chain, or a connect that gave up), seen DEAD on two sweeps in a
+ * row; records PENDING with nobody behind them; user records taken by a
+ * client that is gone and never published. */
+static void table_sweep(pd_t *d)
+{
+    pres_map_t *m = &d->m;
+    for (uint32_t i = 0; i < m->dev_cap; i++) {
+        pres_dev_t *r = &m->devs[i];
+        uint64_t a = pa_load(&r->alloc);
+        if (a == PRES_ALLOC_FREE || a == PRES_ALLOC_POOLED || a == PRES_ALLOC_RETIRED) {
+            d->dead_seen[i] = 0;
+            continue;
+        }
+        uint64_t L = pa_load_acquire(&r->live);
+        unsigned st = PRES_LIVE_STATE(L), holder = PRES_LIVE_LATCH(L);
+        if (st == PRES_DS_PENDING && ((holder && !latch_live(d, holder)) ||
+                                      (!holder && !pd_token_live(d, a)))) {
+            if (pa_cas(&r->live, &L, (L & ~(LIVE_STATE_MASK | LIVE_LATCH_MASK)) |
+                                         ((uint64_t)PRES_DS_DEAD << 40)))
+                st = PRES_DS_DEAD;
+        }
+        if (st != PRES_DS_DEAD) {
+            d->dead_seen[i] = 0;
+            continue;
+        }
+        if (!d->dead_seen[i]) {
+            d->dead_seen[i] = 1;
+            continue;
+        }
+        uint32_t gen = pa_load(&r->gen);
+        int rh = 0, ru = 0;
+        if (keylen_ok(r->keylen)) {
+            uint64_t h = pres__hash(r->key, r->keylen, m->seed);
+            rh = unlink_from(&m->dev_buckets[h & m->dev_mask], i, gen, m->dev_cap, dev_next, m);
+        }
+        uint32_t u = pa_load(&r->user);
+        if (u < m->user_cap && pa_load(&m->users[u].dhead) != PRES_LINK_RETIRED)
+            ru = unlink_from(&m->users[u].dhead, i, gen, m->dev_cap, dev_unext, m);
+        if (rh >= 0 && ru >= 0) {
+            d->unl[i] = UNL_HASH | UNL_USER;
+            dev_maybe_retire(d, i, 0);
+        }
+    }
+    for (uint32_t u = 0; u < m->user_cap; u++) {
+        pres_user_t *r = &m->users[u];
+        uint64_t a = pa_load(&r->alloc);
+        if (a == PRES_ALLOC_FREE || a == PRES_ALLOC_POOLED || a == PRES_ALLOC_RETIRED ||
+            pd_token_live(d, a) || user_linked(m, u))
+            continue;
+        /* Through a grace period: a previous daemon may have unlinked it
+         * while readers stood on it. */
+        pa_store(&r->alloc, PRES_ALLOC_RETIRED);
+        retire(d, u, 1);
+    }
 }
 
 /* ---- grace periods ------------------------------------------------------------- */
@@ -519,8 +706,6 @@ static void free_record(pd_t *d, const pd_retired_t *e)
         pres_user_t *u = &m->users[e->idx];
         uint32_t g = pa_load(&u->gen) + 1;
         pa_store(&u->gen, g ? g : 1);
-        pa_store(&u->alloc, PRES_ALLOC_POOLED);
-        stack_push(&d->user_pool, e->idx);
     } else {
         pres_dev_t *r = &m->devs[e->idx];
         /* A new generation: links and pres_ref_t handles naming the old
@@ -529,16 +714,17 @@ static void free_record(pd_t *d, const pd_retired_t *e)
         pa_store(&r->gen, g ? g : 1);
         pa_store(&r->live, 0);
         d->exp_seen[e->idx] = 0;
-        pa_store(&r->alloc, PRES_ALLOC_POOLED);
-        stack_push(&d->dev_pool, e->idx);
+        d->unl[e->idx] = 0;
     }
+    pool_back(d, (int)e->users, e->idx);
 }
 
 static void grace_periods(pd_t *d, uint64_t nm)
 {
     pres_map_t *m = &d->m;
-    /* One epoch a tick, and one more for what was retired since: the epoch
-     * times let us export the age of the oldest open read section. */
+    /* One epoch a tick: what was retired before it is freed once every
+     * reader passed it, and the epochs' times give the age of the oldest
+     * open read section. */
     uint64_t t = pres__gp_advance(m);
     d->epoch_of[t % 1024] = t;
     d->epoch_time[t % 1024] = nm;
@@ -563,12 +749,50 @@ static void grace_periods(pd_t *d, uint64_t nm)
         if (d->epoch_of[min % 1024] == min)
             age = nm - d->epoch_time[min % 1024];
         else
-            age = 1024 * 50;     /* older than the history we keep */
+            age = nm - d->epoch_time[(t + 1) % 1024];   /* older than we keep */
     }
     pa_store(&m->hdr->oldest_reader_ms, age);
 }
 
 /* ---- rings ------------------------------------------------------------------------ */
+
+static void claim_add(pd_t *d, int users, uint32_t i, uint64_t pos, uint32_t client)
+{
+    if (d->claims_n == d->claims_cap) {
+        size_t nc = d->claims_cap ? d->claims_cap * 2 : 64;
+        pd_claim_t *a = realloc(d->claims, nc * sizeof *a);
+        if (!a)
+            return;              /* checked again after the next offer */
+        d->claims = a;
+        d->claims_cap = nc;
+    }
+    d->claims[d->claims_n++] = (pd_claim_t){
+        .idx = i, .users = (uint32_t)users, .pos = pos, .client = client,
+        .cgen = pa_load(&d->m.clients[client].gen),
+    };
+}
+
+/* Taken and not yet claimed: its taker is a few stores from claiming it,
+ * or dead (then it is ours again), or stopped (we keep watching). */
+static void claims_check(pd_t *d)
+{
+    pres_map_t *m = &d->m;
+    size_t w = 0;
+    for (size_t k = 0; k < d->claims_n; k++) {
+        pd_claim_t *c = &d->claims[k];
+        uint64_t *alloc = c->users ? &m->users[c->idx].alloc : &m->devs[c->idx].alloc;
+        uint64_t *offered = c->users ? d->user_offered : d->dev_offered;
+        if (offered[c->idx] != c->pos || pa_load(alloc) != PRES_ALLOC_FREE)
+            continue;
+        const pres_client_t *cs = &m->clients[c->client];
+        if (pa_load(&cs->gen) != c->cgen || !pd_client_live(d, c->client)) {
+            pool_back(d, (int)c->users, c->idx);
+            continue;
+        }
+        d->claims[w++] = *c;
+    }
+    d->claims_n = w;
+}
 
 static void ring_service(pd_t *d, int users)
 {
@@ -578,40 +802,43 @@ static void ring_service(pd_t *d, int users)
     uint64_t size = (users ? m->user_rmask : m->dev_rmask) + 1;
     unsigned shift = users ? m->user_rshift : m->dev_rshift;
     uint64_t *rc = users ? &d->user_rc : &d->dev_rc;
-    uint64_t *cons = users ? &h->user_cons : &h->dev_cons;
-    uint64_t *prod = users ? &h->user_prod : &h->dev_prod;
+    uint64_t *offered = users ? d->user_offered : d->dev_offered;
     pd_stack_t *pool = users ? &d->user_pool : &d->dev_pool;
     uint32_t cap = users ? m->user_cap : m->dev_cap;
 
-    /* Taken slots, in order: the record is the taker's once it claimed it
-     * (alloc set).  Unclaimed and its taker dead: it comes back to us. */
-    uint64_t c = pa_load_acquire(cons);
+    /* Taken slots, in order.  The slot speaks of its record only if that
+     * is where the record was last offered; the record is the taker's once
+     * it claimed it (alloc set). */
+    uint64_t c = pa_load_acquire(users ? &h->user_cons : &h->dev_cons);
+    uint64_t p = pa_load(users ? &h->user_prod : &h->dev_prod);
+    if (c > p || p - *rc > size) {
+        pd_log(LOG_ERR, "%s ring cursors are damaged", users ? "user" : "device");
+        return;
+    }
     while (*rc < c) {
         uint64_t s = pa_load_acquire(&ring[*rc & (size - 1)]);
-        if (PRES_RING_LAP(s) != ((*rc >> shift) & 0xffffffu) || !PRES_RING_OWNER1(s))
-            break;
         uint32_t i = PRES_RING_IDX(s);
-        if (i < cap) {
-            uint64_t *alloc = users ? &m->users[i].alloc : &m->devs[i].alloc;
-            if (pa_load(alloc) == PRES_ALLOC_FREE) {
-                if (pd_client_live(d, PRES_RING_OWNER1(s) - 1))
-                    break;               /* claiming it right now */
-                pa_store(alloc, PRES_ALLOC_POOLED);
-                stack_push(pool, i);
-            }
+        if (PRES_RING_LAP(s) == ((*rc >> shift) & 0xffffffu) && PRES_RING_OWNER1(s) &&
+            i < cap && offered[i] == *rc &&
+            pa_load(users ? &m->users[i].alloc : &m->devs[i].alloc) == PRES_ALLOC_FREE) {
+            uint32_t taker = PRES_RING_OWNER1(s) - 1;
+            if (taker < PRES_CLIENTS && pd_client_live(d, taker))
+                claim_add(d, users, i, *rc, taker);
+            else
+                pool_back(d, users, i);
         }
         (*rc)++;
     }
     /* Offer free records: a slot is written only once the consumption of
      * its previous lap was processed above. */
-    uint64_t p = pa_load(prod);
     while (pool->n && p - *rc < size) {
         uint32_t i = pool->v[--pool->n];
         pa_store(users ? &m->users[i].alloc : &m->devs[i].alloc, PRES_ALLOC_FREE);
+        offered[i] = p;
         pa_store_release(&ring[p & (size - 1)], PRES_RING_MAKE(i, 0, (p >> shift) & 0xffffffu));
         p++;
         /* release: the slot is written before consumers may reach it. */
-        pa_store_release(prod, p);
+        pa_store_release(users ? &h->user_prod : &h->dev_prod, p);
     }
 }
 
@@ -622,13 +849,23 @@ void pd_tick(pd_t *d)
     pres_map_t *m = &d->m;
     uint64_t nm = pres__mono_ms(), nw = pres__wall_ms();
     pa_store(&m->hdr->daemon_beat_mono, nm);
+    /* A step of the wall clock moves the offset every process converts
+     * with; liveness stays on the monotonic clock. */
+    int64_t off = (int64_t)nw - (int64_t)nm;
+    int64_t cur = pa_load(&m->hdr->wall_offset_ms);
+    if (off - cur > 1000 || cur - off > 1000) {
+        pd_log(LOG_INFO, "the wall clock stepped by %lld ms", (long long)(off - cur));
+        pa_store(&m->hdr->wall_offset_ms, off);
+    }
+    nw = pres__wall_of(m, nm);
     pd_clients_poll(d, client_gone);
     readers_sweep(d);
     gateways_pass(d);
-    devices_pass(d, nm, nw);
-    if (d->scan_pos == 0)
-        users_pass(d);
+    index_passes(d, nm, nw);
+    if (++d->ticks % SWEEP_TICKS == 0)
+        table_sweep(d);
     grace_periods(d, nm);
+    claims_check(d);
     ring_service(d, 0);
     ring_service(d, 1);
     d->last_tick_mono = nm;
@@ -636,93 +873,103 @@ void pd_tick(pd_t *d)
 
 /* ---- adopting a store ----------------------------------------------------------------- */
 
-/* Rebuild what only the daemon's memory held: the pools (records freed and
- * not yet offered), records retired and not yet freed, and records taken
- * from a ring by a client that died before claiming them. */
+/* Rebuild what only the daemon's memory held: where each record was last
+ * offered, the pools (records freed and not offered), records retired and
+ * not yet freed, and records taken by clients that have not claimed them. */
+static int adopt_ring(pd_t *d, int users)
+{
+    pres_map_t *m = &d->m;
+    uint32_t cap = users ? m->user_cap : m->dev_cap;
+    uint64_t size = (users ? m->user_rmask : m->dev_rmask) + 1;
+    uint64_t *ring = users ? m->user_ring : m->dev_ring;
+    uint64_t cons = pa_load(users ? &m->hdr->user_cons : &m->hdr->dev_cons);
+    uint64_t prod = pa_load(users ? &m->hdr->user_prod : &m->hdr->dev_prod);
+    unsigned shift = users ? m->user_rshift : m->dev_rshift;
+    uint64_t *offered = users ? d->user_offered : d->dev_offered;
+    if (cons > prod || prod - cons > size) {
+        pd_log(LOG_ERR, "%s ring cursors are damaged", users ? "user" : "device");
+        return -EPROTO;
+    }
+    for (uint32_t i = 0; i < cap; i++)
+        offered[i] = UINT64_MAX;
+    uint32_t *taker = calloc(cap, sizeof *taker);
+    if (!taker)
+        return -ENOMEM;
+    uint64_t from = prod > size ? prod - size : 0;
+    for (uint64_t p = from; p < prod; p++) {
+        uint64_t s = pa_load(&ring[p & (size - 1)]);
+        uint32_t i = PRES_RING_IDX(s);
+        if (PRES_RING_LAP(s) == ((p >> shift) & 0xffffffu) && i < cap) {
+            offered[i] = p;
+            taker[i] = p < cons ? PRES_RING_OWNER1(s) : 0;
+        }
+    }
+    for (uint32_t i = 0; i < cap; i++) {
+        uint64_t a = pa_load(users ? &m->users[i].alloc : &m->devs[i].alloc);
+        if (a == PRES_ALLOC_POOLED)
+            stack_push(users ? &d->user_pool : &d->dev_pool, i);
+        else if (a == PRES_ALLOC_RETIRED)
+            retire(d, i, users);
+        else if (a == PRES_ALLOC_FREE && (offered[i] == UINT64_MAX || offered[i] < cons)) {
+            uint32_t t = taker[i];
+            if (t && t <= PRES_CLIENTS && pres__client_alive(m, t - 1))
+                claim_add(d, users, i, offered[i], t - 1);
+            else
+                pool_back(d, users, i);
+        }
+    }
+    free(taker);
+    if (users)
+        d->user_rc = cons;
+    else
+        d->dev_rc = cons;
+    return 0;
+}
+
 int pd_adopt(pd_t *d)
 {
     pres_map_t *m = &d->m;
     d->exp_seen = calloc(m->dev_cap, sizeof *d->exp_seen);
+    d->unl = calloc(m->dev_cap, 1);
+    d->dead_seen = calloc(m->dev_cap > m->user_cap ? m->dev_cap : m->user_cap, 1);
     d->user_empty = calloc(m->user_cap, 1);
-    if (!d->exp_seen || !d->user_empty)
+    d->gw_pending = calloc(m->gw_cap, sizeof *d->gw_pending);
+    d->dev_offered = calloc(m->dev_cap, sizeof *d->dev_offered);
+    d->user_offered = calloc(m->user_cap, sizeof *d->user_offered);
+    if (!d->exp_seen || !d->unl || !d->dead_seen || !d->user_empty || !d->gw_pending ||
+        !d->dev_offered || !d->user_offered)
         return -ENOMEM;
     pres_client_t *me = &m->clients[PRES_DAEMON_CLIENT];
     pa_store(&me->pid, (uint64_t)getpid());
     pa_store(&me->start, pres__proc_start(getpid()));
     pa_store_release(&me->ready, 1);
     pa_store(&m->hdr->daemon_pid, (uint64_t)getpid());
-
-    for (int users = 0; users < 2; users++) {
-        uint32_t cap = users ? m->user_cap : m->dev_cap;
-        uint64_t size = (users ? m->user_rmask : m->dev_rmask) + 1;
-        uint64_t *ring = users ? m->user_ring : m->dev_ring;
-        uint64_t cons = pa_load(users ? &m->hdr->user_cons : &m->hdr->dev_cons);
-        uint64_t prod = pa_load(users ? &m->hdr->user_prod : &m->hdr->dev_prod);
-        unsigned shift = users ? m->user_rshift : m->dev_rshift;
-        uint8_t *offered = calloc(cap, 1);
-        if (!offered)
-            return -ENOMEM;
-        for (uint64_t p = cons; p < prod; p++) {
-            uint64_t s = pa_load(&ring[p & (size - 1)]);
-            if (PRES_RING_LAP(s) == ((p >> shift) & 0xffffffu) && PRES_RING_IDX(s) < cap)
-                offered[PRES_RING_IDX(s)] = 1;
-        }
-        /* Positions before cons were processed by the previous daemon up to
-         * a point we do not know: start from cons, and judge records that
-         * are free but not offered by the owner of their last taken slot. */
-        uint32_t *owner = calloc(cap, sizeof *owner);
-        if (!owner) {
-            free(offered);
-            return -ENOMEM;
-        }
-        uint64_t from = cons > size ? cons - size : 0;
-        for (uint64_t p = from; p < cons; p++) {
-            uint64_t s = pa_load(&ring[p & (size - 1)]);
-            if (PRES_RING_LAP(s) == ((p >> shift) & 0xffffffu) && PRES_RING_OWNER1(s) &&
-                PRES_RING_IDX(s) < cap)
-                owner[PRES_RING_IDX(s)] = PRES_RING_OWNER1(s);
-        }
-        for (uint32_t i = 0; i < cap; i++) {
-            uint64_t *alloc = users ? &m->users[i].alloc : &m->devs[i].alloc;
-            uint64_t a = pa_load(alloc);
-            if (a == PRES_ALLOC_POOLED) {
-                stack_push(users ? &d->user_pool : &d->dev_pool, i);
-            } else if (a == PRES_ALLOC_RETIRED) {
-                retire(d, i, users);
-            } else if (a == PRES_ALLOC_FREE && !offered[i]) {
-                uint32_t o = owner[i];
-                if (!o || !pres__client_alive(m, o - 1)) {
-                    pa_store(alloc, PRES_ALLOC_POOLED);
-                    stack_push(users ? &d->user_pool : &d->dev_pool, i);
-                }
-            }
-        }
-        if (users)
-            d->user_rc = cons;
-        else
-            d->dev_rc = cons;
-        free(owner);
-        free(offered);
-    }
     pd_clients_init(d);
+    int rc;
+    if ((rc = adopt_ring(d, 0)) < 0 || (rc = adopt_ring(d, 1)) < 0)
+        return rc;
     return 0;
 }
 
 void pd_shutdown(pd_t *d)
 {
     pres_map_t *m = &d->m;
-    /* Records retired but not yet freed stay RETIRED: the next daemon
-     * frees them after a grace period of its own.  Pooled records stay
-     * POOLED, and the next daemon takes them back. */
+    /* Records retired but not yet freed stay RETIRED and pooled ones
+     * POOLED: the next daemon takes them back (after a grace period of its
+     * own for the retired). */
     pa_store(&m->hdr->daemon_pid, 0);
     pres_client_t *me = &m->clients[PRES_DAEMON_CLIENT];
     pa_store(&me->ready, 0);
     pa_store_release(&me->pid, 0);
     free(d->ret);
     free(d->exp_seen);
+    free(d->unl);
+    free(d->dead_seen);
     free(d->user_empty);
+    free(d->gw_pending);
+    free(d->dev_offered);
+    free(d->user_offered);
+    free(d->claims);
     free(d->dev_pool.v);
     free(d->user_pool.v);
-    free(gw_pending);
-    gw_pending = NULL;
 }

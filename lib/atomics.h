@@ -49,6 +49,8 @@ _Static_assert(__atomic_always_lock_free(8, 0), "8-byte atomics must be lock-fre
 #define pa_fence()            __atomic_thread_fence(__ATOMIC_SEQ_CST)
 /* Loads before it are ordered before loads and stores after it. */
 #define pa_fence_acquire()    __atomic_thread_fence(__ATOMIC_ACQUIRE)
+/* Loads and stores before it are ordered before stores after it. */
+#define pa_fence_release()    __atomic_thread_fence(__ATOMIC_RELEASE)
 
 static inline void pa_pause(void)
 {

@@ -62,25 +62,46 @@ static int ttl_check(uint32_t ttl)
 #define LIVE_LATCH_MASK  (~(uint64_t)0 << 50)
 #define LIVE_STATE_MASK  (UINT64_C(3) << 40)
 
-/* Take the latch of a CONNECTED or DISCONNECTED record.  Another writer
- * holds it only for a few stores; we wait for it only while the kernel says
- * it is alive, and give up with -EBUSY if it stays there (it is stopped).
- * -EAGAIN: the record is no longer current (look the device up again). */
-static int latch_take(pres_t *p, pres_dev_t *d, uint64_t *out)
+/* How long a writer keeps waiting for a latch holder that the kernel says
+ * is running (not stopped): the holder is a few stores from done and was
+ * only descheduled.  Beyond this something is badly wrong with it. */
+#define LATCH_WAIT_MS 2000
+
+/* Take the latch of a CONNECTED or DISCONNECTED record for this thread
+ * (its reader slot names it).  Another writer holds it only for a few
+ * stores: we wait while the kernel says the holder runs, take it over when
+ * the kernel says the holder is dead (what it left is the idle copy, which
+ * nobody reads), and give up with -EBUSY when the holder is stopped (a
+ * signal or a debugger).  -EAGAIN: the record is no longer current. */
+static int latch_take(pres_t *p, pres_rs_t *t, pres_dev_t *d, uint64_t *out)
 {
+    unsigned me = t->index + 1;
     uint64_t L = pa_load_acquire(&d->live);
-    for (int spin = 0; spin < 20000; spin++) {
+    uint64_t deadline = 0;
+    for (uint32_t spin = 0;; spin++) {
         unsigned st = PRES_LIVE_STATE(L);
         if (st == PRES_DS_DEAD || st == PRES_DS_PENDING)
             return -EAGAIN;
         unsigned holder = PRES_LIVE_LATCH(L);
-        int free_ = holder == 0 || holder == p->latch;
-        if (!free_ && spin >= 64 && spin % 256 == 0 &&
-            !pres__client_alive(&p->m, holder - 1))
-            free_ = 1;                      /* its holder is dead: take over */
+        int free_ = holder == 0;
+        if (!free_ && spin >= 64 && spin % 64 == 0) {
+            int s = pres__latch_holder_state(&p->m, holder);
+            if (s == PRES_HOLDER_DEAD)
+                free_ = 1;
+            else if (s == PRES_HOLDER_STOPPED)
+                return -EBUSY;
+            if (!deadline)
+                deadline = pres__mono_ms() + LATCH_WAIT_MS;
+            else if (pres__mono_ms() > deadline)
+                return -EBUSY;
+        }
         if (free_) {
-            uint64_t want = (L & ~LIVE_LATCH_MASK) | ((uint64_t)p->latch << 50);
+            uint64_t want = (L & ~LIVE_LATCH_MASK) | ((uint64_t)me << 50);
             if (pa_cas(&d->live, &L, want)) {
+                /* Our copy stores must not become visible before the latch:
+                 * a reader that sees any of them then also sees the live
+                 * word move on (pairs with pres__dev_snap's acquire fence). */
+                pa_fence_release();
                 *out = want;
                 return 0;
             }
@@ -92,17 +113,16 @@ static int latch_take(pres_t *p, pres_dev_t *d, uint64_t *out)
             sched_yield();
         L = pa_load_acquire(&d->live);
     }
-    return -EBUSY;
 }
 
 /* Publish the idle copy: flip seq, set expiry and state, drop the latch.
  * Heartbeats may move the expiry meanwhile, and a DEAD mark may land: the
  * CAS is retried against what is there (the DEAD mark wins). */
-static int latch_publish(pres_t *p, pres_dev_t *d, uint64_t exp, unsigned st)
+static int latch_publish(pres_rs_t *t, pres_dev_t *d, uint64_t exp, unsigned st)
 {
     uint64_t L = pa_load(&d->live);
     for (;;) {
-        if (PRES_LIVE_LATCH(L) != p->latch)
+        if (PRES_LIVE_LATCH(L) != t->index + 1)
             return -EAGAIN;
         if (PRES_LIVE_STATE(L) == PRES_DS_DEAD) {
             if (pa_cas(&d->live, &L, L & ~LIVE_LATCH_MASK))
@@ -115,10 +135,10 @@ static int latch_publish(pres_t *p, pres_dev_t *d, uint64_t exp, unsigned st)
     }
 }
 
-static void latch_drop(pres_t *p, pres_dev_t *d)
+static void latch_drop(pres_rs_t *t, pres_dev_t *d)
 {
     uint64_t L = pa_load(&d->live);
-    while (PRES_LIVE_LATCH(L) == p->latch && !pa_cas(&d->live, &L, L & ~LIVE_LATCH_MASK))
+    while (PRES_LIVE_LATCH(L) == t->index + 1 && !pa_cas(&d->live, &L, L & ~LIVE_LATCH_MASK))
         ;
 }
 
@@ -191,14 +211,15 @@ void pres__dev_info(const pres_map_t *m, uint32_t i, const pres_snap_t *s,
     out->active = out->connected && !(s->activity & PRES_ACT_IDLE) &&
                   (idle_after == 0 || nm < act + idle_after);
     out->connected_at_ms = s->c.connected_at;
-    out->expires_at_ms = pres__mono_to_wall(exp, nm, nw);
+    (void)nm;
+    out->expires_at_ms = pres__wall_of(m, exp);
     if (out->connected)
         out->last_seen_ms = nw;
     else if (st == PRES_DS_DISCONNECTED)
         out->last_seen_ms = s->c.ended;
     else
-        out->last_seen_ms = pres__mono_to_wall(exp > s->ttl ? exp - s->ttl : 0, nm, nw);
-    out->last_active_ms = pres__mono_to_wall(act, nm, nw);
+        out->last_seen_ms = pres__wall_of(m, exp > s->ttl ? exp - s->ttl : 0);
+    out->last_active_ms = pres__wall_of(m, act);
 }
 
 /* Look a device up and snapshot it; retries while the record found is
@@ -238,12 +259,15 @@ static pres_rs_t *enter_rw(pres_t *p, int *rc)
     return t;
 }
 
+/* Also a PENDING record: a concurrent connect of the same device that
+ * linked its record before ours must not publish it after ours; its
+ * publish CAS fails and it looks again (the latch bits stay). */
 static void mark_dead(pres_dev_t *d)
 {
     uint64_t L = pa_load(&d->live);
     for (;;) {
         unsigned st = PRES_LIVE_STATE(L);
-        if (st == PRES_DS_DEAD || st == PRES_DS_PENDING)
+        if (st == PRES_DS_DEAD)
             return;
         if (pa_cas(&d->live, &L, (L & ~LIVE_STATE_MASK) | ((uint64_t)PRES_DS_DEAD << 40)))
             return;
@@ -266,20 +290,38 @@ static void supersede_older(pres_map_t *m, uint32_t i, const char *id, size_t le
     }
 }
 
-static int reconnect(pres_t *p, uint32_t i, uint32_t gwi, uint32_t ttl,
+/* The gateway's incarnation goes with each connection, so a death of the
+ * gateway ends only connections made before it (not those of a process
+ * that attached the id again). */
+static uint32_t conn_flags(const pres_map_t *m, uint32_t gwi)
+{
+    return (uint32_t)(pa_load(&m->gws[gwi].died) << 1);
+}
+
+static int reconnect(pres_t *p, pres_rs_t *t, uint32_t i, uint32_t gwi, uint32_t ttl,
                      uint64_t nm, uint64_t nw, uint32_t *cid)
 {
     pres_dev_t *d = &p->m.devs[i];
     uint64_t L;
-    int rc = latch_take(p, d, &L);
+    int rc = latch_take(p, t, d, &L);
     if (rc < 0)
         return rc;
     unsigned k = PRES_LIVE_SEQ(L) & 1;
-    pres_conn_t c = { .gw = gwi, .flags = 0, .connected_at = nw, .ended = 0 };
+    pres_conn_t c = { .gw = gwi, .flags = conn_flags(&p->m, gwi), .connected_at = nw, .ended = 0 };
     *cid = (pa_load(&d->cid[k]) + 1) & REF_CID_MASK;
     conn_write(d, k ^ 1, &c, ttl, *cid);
     pa_store(&d->activity, nm);
-    return latch_publish(p, d, nm + ttl, PRES_DS_CONNECTED);
+    return latch_publish(t, d, nm + ttl, PRES_DS_CONNECTED);
+}
+
+/* A record that will never be published: DEAD, latch dropped, for the
+ * daemon to unlink and free. */
+static void abandon(pres_dev_t *d)
+{
+    uint64_t L = pa_load(&d->live);
+    while (!pa_cas(&d->live, &L, (L & ~(LIVE_LATCH_MASK | LIVE_STATE_MASK)) |
+                                 ((uint64_t)PRES_DS_DEAD << 40)))
+        ;
 }
 
 static int link_user(pres_t *p, uint32_t i, uint32_t *u, const char *user, size_t ulen)
@@ -305,9 +347,10 @@ static int link_user(pres_t *p, uint32_t i, uint32_t *u, const char *user, size_
     return -EPROTO;
 }
 
-static int connect_new(pres_t *p, const char *user, size_t ulen, const char *id,
-                       size_t len, uint64_t h, uint32_t gwi, uint32_t ttl,
-                       uint64_t nm, uint64_t nw, uint32_t *idx)
+static int connect_new(pres_t *p, pres_rs_t *t, const char *user, size_t ulen,
+                       const char *id, size_t len, uint64_t h, uint32_t gwi,
+                       uint32_t ttl, uint64_t nm, uint64_t nw, uint32_t *idx,
+                       uint32_t *cid)
 {
     pres_map_t *m = &p->m;
     uint32_t u, i;
@@ -317,24 +360,33 @@ static int connect_new(pres_t *p, const char *user, size_t ulen, const char *id,
     if ((rc = pres__alloc_take(p, 0, &i)) < 0)
         return rc;
     pres_dev_t *d = &m->devs[i];
-    pres_conn_t c = { .gw = gwi, .flags = 0, .connected_at = nw, .ended = 0 };
+    pres_conn_t c = { .gw = gwi, .flags = conn_flags(m, gwi), .connected_at = nw, .ended = 0 };
     d->keylen = (uint8_t)len;
     memcpy(d->key, id, len);
     pa_store(&d->user, u);
-    conn_write(d, 0, &c, ttl, 1);
+    /* Connection ids start where the record's generation says, so a stale
+     * pres_ref_t of an earlier life of this slot does not match. */
+    *cid = (uint32_t)((pa_load(&d->gen) * UINT32_C(2654435761)) >> 8) & REF_CID_MASK;
+    conn_write(d, 0, &c, ttl, *cid);
     pa_store(&d->activity, nm);
     pa_store(&d->typing[0], 0);
     pa_store(&d->typing[1], 0);
     /* PENDING and latched by us: invisible to readers, and the daemon
      * leaves it alone while we live. */
-    uint64_t pending = PRES_LIVE_MAKE(nm + ttl, PRES_DS_PENDING, 0, p->latch);
+    uint64_t pending = PRES_LIVE_MAKE(nm + ttl, PRES_DS_PENDING, 0, t->index + 1);
     pa_store(&d->live, pending);
-    if ((rc = link_user(p, i, &u, user, ulen)) < 0)
-        return rc;                 /* the daemon reclaims the PENDING record */
+    if ((rc = link_user(p, i, &u, user, ulen)) < 0) {
+        abandon(d);
+        return rc;
+    }
     pres__idx_dev_link_hash(m, i, h);
     uint64_t L = pending;
-    if (!pa_cas(&d->live, &L, PRES_LIVE_MAKE(nm + ttl, PRES_DS_CONNECTED, 0, 0)))
-        return -EPROTO;
+    if (!pa_cas(&d->live, &L, PRES_LIVE_MAKE(nm + ttl, PRES_DS_CONNECTED, 0, 0))) {
+        /* A newer connect of the same device superseded ours while it was
+         * PENDING: look again (and reconnect to the winner). */
+        abandon(d);
+        return -EAGAIN;
+    }
     supersede_older(m, i, id, len);
     *idx = i;
     return 0;
@@ -353,7 +405,7 @@ PRES_API int pres_connect(pres_t *p, const char *user_id, const char *device_id,
     if (!t)
         return rc;
     pres_map_t *m = &p->m;
-    uint64_t nm = pres__mono_ms(), nw = pres__wall_ms();
+    uint64_t nm = pres__mono_ms(), nw = pres__wall_of(m, nm);
     uint64_t h = pres__hash(device_id, len, m->seed);
     uint32_t idx = 0, cid = 1;
     int gwi = pres__idx_gw_get(p, gateway_id, glen);
@@ -372,7 +424,7 @@ PRES_API int pres_connect(pres_t *p, const char *user_id, const char *device_id,
             uint32_t u = pa_load(&m->devs[i].user);
             if (u < m->user_cap &&
                 pres__key_eq(&m->users[u].keylen, m->users[u].key, user_id, ulen)) {
-                rc = reconnect(p, (uint32_t)i, (uint32_t)gwi, ttl_ms, nm, nw, &cid);
+                rc = reconnect(p, t, (uint32_t)i, (uint32_t)gwi, ttl_ms, nm, nw, &cid);
                 idx = (uint32_t)i;
                 if (rc != -EBUSY)
                     continue;
@@ -380,9 +432,8 @@ PRES_API int pres_connect(pres_t *p, const char *user_id, const char *device_id,
                  * supersedes it without waiting. */
             }
         }
-        cid = 1;
-        rc = connect_new(p, user_id, ulen, device_id, len, h, (uint32_t)gwi,
-                         ttl_ms, nm, nw, &idx);
+        rc = connect_new(p, t, user_id, ulen, device_id, len, h, (uint32_t)gwi,
+                         ttl_ms, nm, nw, &idx, &cid);
     }
     if (rc == 0) {
         pres__count(t, PRES_C_CONNECTS);
@@ -419,14 +470,14 @@ static int heartbeat_at(pres_t *p, pres_rs_t *t, uint32_t i, int64_t ref_cid, ui
             }
             continue;
         }
-        int rc = latch_take(p, d, &L);
+        int rc = latch_take(p, t, d, &L);
         if (rc < 0)
             return rc == -EAGAIN && ref_cid >= 0 ? -ESTALE : rc;
         k = PRES_LIVE_SEQ(L) & 1;
         uint32_t cid = pa_load(&d->cid[k]);
         if (PRES_LIVE_STATE(L) != PRES_DS_CONNECTED ||
             (ref_cid >= 0 && (cid & REF_CID_MASK) != (uint64_t)ref_cid)) {
-            latch_drop(p, d);
+            latch_drop(t, d);
             L = pa_load_acquire(&d->live);
             continue;
         }
@@ -434,9 +485,9 @@ static int heartbeat_at(pres_t *p, pres_rs_t *t, uint32_t i, int64_t ref_cid, ui
         conn_read(d, k, &c);
         late = PRES_LIVE_EXPIRY(L) <= nm;
         if (late)
-            c.connected_at = pres__wall_ms();   /* connected again */
+            c.connected_at = pres__wall_of(&p->m, nm);   /* connected again */
         conn_write(d, k ^ 1, &c, ttl, cid);
-        if ((rc = latch_publish(p, d, nm + ttl, PRES_DS_CONNECTED)) < 0)
+        if ((rc = latch_publish(t, d, nm + ttl, PRES_DS_CONNECTED)) < 0)
             return rc == -EAGAIN && ref_cid >= 0 ? -ESTALE : rc;
         pres__count(t, PRES_C_HEARTBEATS);
         if (late)
@@ -499,29 +550,29 @@ static int disconnect_at(pres_t *p, pres_rs_t *t, uint32_t i, int64_t ref_cid)
 {
     pres_dev_t *d = &p->m.devs[i];
     uint64_t L;
-    int rc = latch_take(p, d, &L);
+    int rc = latch_take(p, t, d, &L);
     if (rc < 0)
         return rc == -EAGAIN && ref_cid >= 0 ? -ESTALE : rc;
     unsigned k = PRES_LIVE_SEQ(L) & 1;
     uint32_t cid = pa_load(&d->cid[k]);
     if (ref_cid >= 0 && (cid & REF_CID_MASK) != (uint64_t)ref_cid) {
-        latch_drop(p, d);
+        latch_drop(t, d);
         return -ESTALE;
     }
     if (PRES_LIVE_STATE(L) == PRES_DS_DISCONNECTED) {
-        latch_drop(p, d);
+        latch_drop(t, d);
         return 0;
     }
-    uint64_t nm = pres__mono_ms(), nw = pres__wall_ms();
+    uint64_t nm = pres__mono_ms(), nw = pres__wall_of(&p->m, nm);
     uint64_t exp = PRES_LIVE_EXPIRY(L);
     uint32_t ttl = pa_load(&d->ttl[k]);
     int expired = exp <= nm;
     pres_conn_t c;
     conn_read(d, k, &c);
     /* An expired connection ended at its last sign of life. */
-    c.ended = expired ? pres__mono_to_wall(exp > ttl ? exp - ttl : 0, nm, nw) : nw;
+    c.ended = expired ? pres__wall_of(&p->m, exp > ttl ? exp - ttl : 0) : nw;
     conn_write(d, k ^ 1, &c, ttl, cid);
-    if ((rc = latch_publish(p, d, exp, PRES_DS_DISCONNECTED)) < 0)
+    if ((rc = latch_publish(t, d, exp, PRES_DS_DISCONNECTED)) < 0)
         return rc == -EAGAIN && ref_cid >= 0 ? -ESTALE : rc;
     if (!expired)
         pres__count(t, PRES_C_DISCONNECTS);
@@ -608,7 +659,10 @@ PRES_API int pres_device(pres_t *p, const char *device_id, pres_device_info_t *o
     uint32_t i;
     pres_snap_t s;
     if ((rc = dev_read(&p->m, device_id, len, h, &i, &s)) == 0)
-        pres__dev_info(&p->m, i, &s, pres__mono_ms(), pres__wall_ms(), out);
+    {
+        uint64_t nm = pres__mono_ms();
+        pres__dev_info(&p->m, i, &s, nm, pres__wall_of(&p->m, nm), out);
+    }
     pres__gp_leave(t);
     return rc;
 }
@@ -622,7 +676,7 @@ static int route_walk(const pres_map_t *m, uint32_t u, pres_device_info_t *out,
 {
     uint32_t seen[ROUTE_SEEN_MAX];
     size_t nseen = 0, count = 0;
-    uint64_t nm = pres__mono_ms(), nw = pres__wall_ms();
+    uint64_t nm = pres__mono_ms(), nw = pres__wall_of(m, nm);
     uint64_t l = pa_load_acquire(&m->users[u].dhead);
     if (l == PRES_LINK_RETIRED)
         l = PRES_LINK_NULLS(u);

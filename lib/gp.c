@@ -67,7 +67,10 @@ static void slot_release(pres_t *p, uint32_t index)
 static void tls_entry_drop(pres_rs_t *t)
 {
     pres_t *p = reg_find(t->hid);
-    if (p && t->nest == 0)
+    /* Also a thread that ends inside a section (cancelled): its reads are
+     * over, and a slot left behind would hold grace periods back for as
+     * long as the process lives. */
+    if (p)
         slot_release(p, t->index);
     memset(t, 0, sizeof *t);
 }
@@ -165,6 +168,11 @@ int pres__gp_client_register(pres_t *p)
     uint64_t start = pres__proc_start((int)pid);
 
     pthread_once(&tls_once, tls_init);
+    pthread_mutex_lock(&reg_lock);
+    int full = reg_n == sizeof reg / sizeof reg[0];
+    pthread_mutex_unlock(&reg_lock);
+    if (full)
+        return -EMFILE;
     /* Client 0 is the daemon's. */
     for (uint32_t i = 1; i < PRES_CLIENTS; i++) {
         pres_client_t *c = &m->clients[i];
@@ -181,13 +189,10 @@ int pres__gp_client_register(pres_t *p)
         pa_store_release(&c->ready, 1);
         pthread_mutex_lock(&reg_lock);
         p->id = ++next_id;
-        if (reg_n == sizeof reg / sizeof reg[0]) {
-            pthread_mutex_unlock(&reg_lock);
-            pa_store(&c->ready, 0);
-            pa_store_release(&c->pid, 0);
-            return -EMFILE;
-        }
-        reg[reg_n++] = p;
+        if (reg_n < sizeof reg / sizeof reg[0])
+            reg[reg_n++] = p;
+        /* else: opened by other threads meanwhile; this handle's slots are
+         * then released by pres_close only, not at thread exit */
         pthread_mutex_unlock(&reg_lock);
         return 0;
     }
@@ -235,6 +240,31 @@ int pres__client_alive(const pres_map_t *m, uint32_t client)
         return 0;
     uint64_t start = pa_load_acquire(&c->ready) ? pa_load(&c->start) : 0;
     return pres__proc_alive((int)pid, start);
+}
+
+static int client_state(const pres_map_t *m, uint32_t client, uint64_t token)
+{
+    const pres_client_t *c = &m->clients[client];
+    uint64_t pid = pa_load_acquire(&c->pid);
+    if (pid == 0 || (token && (pa_load(&c->gen) & 0xffffu) != ((token >> 32) & 0xffffu)))
+        return PRES_HOLDER_DEAD;
+    uint64_t start = pa_load_acquire(&c->ready) ? pa_load(&c->start) : 0;
+    return pres__proc_state((int)pid, start);
+}
+
+int pres__latch_holder_state(const pres_map_t *m, unsigned latch)
+{
+    if (latch == PRES_DAEMON_LATCH)
+        return client_state(m, PRES_DAEMON_CLIENT, 0);
+    if (latch == 0 || latch > PRES_READER_SLOTS)
+        return PRES_HOLDER_DEAD;
+    uint64_t o = pa_load_acquire(&m->rslots[latch - 1].owner);
+    if (o == 0 || o == PRES_RS_SWEEPING)
+        return PRES_HOLDER_DEAD;
+    uint32_t cl = PRES_TOKEN_CLIENT(o);
+    if (cl >= PRES_CLIENTS)
+        return PRES_HOLDER_DEAD;
+    return client_state(m, cl, o);
 }
 
 uint64_t pres__gp_advance(pres_map_t *m)

@@ -80,6 +80,34 @@ int pres__idx_user_find(const pres_map_t *m, const char *key, size_t len, uint64
     return -EPROTO;
 }
 
+/* A user record taken and not published (its user appeared meanwhile) is
+ * kept for this handle's next new user; if the handle goes away first, the
+ * daemon reclaims it with the handle's other unpublished records. */
+static void spare_put(pres_t *p, uint32_t u)
+{
+    pthread_mutex_lock(&p->lock);
+    for (size_t k = 0; k < sizeof p->spare_users / sizeof p->spare_users[0]; k++)
+        if (!p->spare_users[k]) {
+            p->spare_users[k] = u + 1;
+            break;
+        }
+    pthread_mutex_unlock(&p->lock);
+}
+
+static uint32_t spare_get(pres_t *p)
+{
+    uint32_t u = UINT32_MAX;
+    pthread_mutex_lock(&p->lock);
+    for (size_t k = 0; k < sizeof p->spare_users / sizeof p->spare_users[0]; k++)
+        if (p->spare_users[k]) {
+            u = p->spare_users[k] - 1;
+            p->spare_users[k] = 0;
+            break;
+        }
+    pthread_mutex_unlock(&p->lock);
+    return u;
+}
+
 /* Find the user or create it.  Insertion is serialised per bucket by the
  * CAS on its head: the CAS succeeds only if no record was inserted since we
  * scanned the whole chain, so two clients never both insert one user. */
@@ -94,13 +122,8 @@ int pres__idx_user_get(pres_t *p, const char *key, size_t len, uint32_t *out)
         uint64_t head = pa_load_acquire(&m->user_buckets[b]);
         int rc = user_scan(m, head, b, key, len);
         if (rc >= 0) {
-            if (spare != UINT32_MAX) {
-                /* Never published: keep it for this handle's next new
-                 * user.  (If the handle goes away first, the daemon
-                 * reclaims it with the handle's other unlinked records.) */
-                uint64_t old = pa_exchange(&p->spare_user, (uint64_t)spare + 1);
-                (void)old;
-            }
+            if (spare != UINT32_MAX)
+                spare_put(p, spare);
             *out = (uint32_t)rc;
             return 0;
         }
@@ -108,13 +131,9 @@ int pres__idx_user_get(pres_t *p, const char *key, size_t len, uint32_t *out)
             return rc;
         if (rc == -EAGAIN)
             continue;
-        if (spare == UINT32_MAX) {
-            uint64_t kept = pa_exchange(&p->spare_user, 0);
-            if (kept)
-                spare = (uint32_t)(kept - 1);
-            else if ((rc = pres__alloc_take(p, 1, &spare)) < 0)
-                return rc;
-        }
+        if (spare == UINT32_MAX && (spare = spare_get(p)) == UINT32_MAX &&
+            (rc = pres__alloc_take(p, 1, &spare)) < 0)
+            return rc;
         pres_user_t *u = &m->users[spare];
         u->keylen = (uint8_t)len;
         memcpy(u->key, key, len);
@@ -147,7 +166,8 @@ void pres__idx_dev_link_hash(pres_map_t *m, uint32_t i, uint64_t h)
 /* ---- gateways: an open-addressed table, insert-only ---------------------- */
 
 #define GW_STATE(s)   ((unsigned)((s) & 0xffu))
-#define GW_FILLER(s)  ((unsigned)((s) >> 8))
+#define GW_FILLER(s)  ((unsigned)(((s) >> 8) & 0xffffffu))
+#define GW_TAG(s)     ((uint32_t)((s) >> 32))
 
 int pres__idx_gw_find(const pres_map_t *m, const char *key, size_t len)
 {
@@ -193,7 +213,10 @@ int pres__idx_gw_get(pres_t *p, const char *key, size_t len)
         pres_gw_t *g = &m->gws[i];
         uint64_t s = pa_load_acquire(&g->state);
         if (GW_STATE(s) == PRES_GW_EMPTY) {
-            uint64_t filling = PRES_GW_FILLING | ((uint64_t)p->latch << 8);
+            /* The key's hash rides along, so a lookup of another key can
+             * pass this entry without waiting for the filler. */
+            uint64_t filling = PRES_GW_FILLING | ((uint64_t)p->latch << 8) |
+                               ((uint64_t)(uint32_t)h << 32);
             if (pa_cas(&g->state, &s, filling)) {
                 g->keylen = (uint8_t)len;
                 memcpy(g->key, key, len);
@@ -202,6 +225,8 @@ int pres__idx_gw_get(pres_t *p, const char *key, size_t len)
                 return (int)i;
             }
         }
+        if (GW_STATE(s) == PRES_GW_FILLING && GW_TAG(s) != (uint32_t)h)
+            continue;
         if (GW_STATE(s) == PRES_GW_FILLING) {
             int rc = gw_wait_filled(m, g, &s);
             if (rc < 0)

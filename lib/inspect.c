@@ -61,7 +61,8 @@ int pres__inspect_devices(pres_t *p, int (*fn)(const pres_device_info_t *, void 
         if (live && d->keylen >= 1 && d->keylen <= PRES_ID_MAX) {
             /* Only the current record of a device (a superseded one is
              * DEAD, and snap refuses it). */
-            pres__dev_info(m, i, &s, pres__mono_ms(), pres__wall_ms(), &info);
+            uint64_t nm = pres__mono_ms();
+            pres__dev_info(m, i, &s, nm, pres__wall_of(m, nm), &info);
             pres__gp_leave(t);
             rc = fn(&info, arg);
             continue;
@@ -241,6 +242,26 @@ static void check_ring(chk_t *c, const pres_map_t *m, int users)
     }
 }
 
+/* The walk above is a moment in the past: the daemon may have unlinked a
+ * record since.  Look again before calling it a problem. */
+static int dev_still_in_hash(const pres_map_t *m, uint32_t i)
+{
+    const pres_dev_t *d = &m->devs[i];
+    if (d->keylen < 1 || d->keylen > PRES_ID_MAX)
+        return 0;
+    uint64_t b = pres__hash(d->key, d->keylen, m->seed) & m->dev_mask;
+    uint64_t l = pa_load_acquire(&m->dev_buckets[b]);
+    for (uint32_t steps = 0; !PRES_LINK_IS_NULLS(l) && steps <= m->dev_cap; steps++) {
+        uint32_t j = PRES_LINK_IDX(l);
+        if (j >= m->dev_cap)
+            return 0;
+        if (j == i)
+            return 1;
+        l = pa_load_acquire(&m->devs[j].next);
+    }
+    return 0;
+}
+
 static void check_records(chk_t *c, const pres_map_t *m)
 {
     uint64_t n_live = 0, n_free = 0, n_pooled = 0, n_retired = 0, n_flight = 0;
@@ -263,12 +284,14 @@ static void check_records(chk_t *c, const pres_map_t *m)
         }
         if (a == PRES_ALLOC_RETIRED) {
             n_retired++;
-            if (c->dev_in_hash[i])
+            if (c->dev_in_hash[i] && dev_still_in_hash(m, i))
                 problem(c, "device record %u is retired but still in the hash index", i);
             continue;
         }
-        if (latch && latch != 1 && !pres__client_alive(m, latch - 1))
-            problem(c, "device record %u is latched by client %u, which is dead", i, latch - 1);
+        if (latch && latch != PRES_DAEMON_LATCH &&
+            pres__latch_holder_state(m, latch) == PRES_HOLDER_DEAD)
+            problem(c, "device record %u is latched by reader slot %u, whose thread is gone",
+                    i, latch - 1);
         if (st == PRES_DS_CONNECTED || st == PRES_DS_DISCONNECTED) {
             n_live++;
             if (!c->dev_in_hash[i] || !c->dev_in_user[i])

@@ -90,7 +90,7 @@ uint64_t pres__proc_start(int pid)
     return proc_stat(pid, &st);
 }
 
-int pres__proc_alive(int pid, uint64_t start)
+int pres__proc_state(int pid, uint64_t start)
 {
     char st = 0;
     if (pid <= 0)
@@ -100,7 +100,14 @@ int pres__proc_alive(int pid, uint64_t start)
         return 0;                        /* no such process */
     if (st == 'Z' || st == 'X')
         return 0;                        /* exited, not yet reaped */
-    return start == 0 || s == start;     /* else: the pid was reused */
+    if (start != 0 && s != start)
+        return 0;                        /* the pid was reused */
+    return st == 'T' || st == 't' ? 2 : 1;
+}
+
+int pres__proc_alive(int pid, uint64_t start)
+{
+    return pres__proc_state(pid, start) != 0;
 }
 
 int pres__boot_id(char out[40])
@@ -449,6 +456,7 @@ int pres__region_create(pres_map_t *m, const char *name, const pres_layout_param
     pres__boot_id(h->boot_id);
     h->timens_mono_s = pres__timens_mono_s();
     h->created_wall_ms = pres__wall_ms();
+    h->wall_offset_ms = (int64_t)h->created_wall_ms - (int64_t)pres__mono_ms();
     h->idle_after_ms = lp->idle_after_ms;
     h->offline_grace_ms = lp->offline_grace_ms;
     h->retain_ms = lp->retain_ms;

@@ -41,11 +41,17 @@
 /* Capacity bounds.  Device indexes travel in 24 bits of a pres_ref_t;
  * client indexes in the 14-bit latch field of a device's live word. */
 #define PRES_DEV_CAP_MAX    (UINT32_C(1) << 24)
-#define PRES_USER_CAP_MAX   (UINT32_C(1) << 26)
+#define PRES_USER_CAP_MAX   (UINT32_C(1) << 25)   /* ring slots hold index + 1 in 26 bits */
 #define PRES_GW_CAP_MAX     (UINT32_C(1) << 16)
 #define PRES_CLIENTS        1024u    /* attached handles at once */
 #define PRES_READER_SLOTS   4096u    /* (thread, handle) pairs in read sections */
 #define PRES_DAEMON_CLIENT  0u       /* client index the daemon uses */
+/* A latch names the reader slot (index + 1) of the writing thread: a latch
+ * belongs to one thread, never to a handle shared by threads.  The daemon
+ * writes under its own value, beyond every slot. */
+#define PRES_DAEMON_LATCH   (PRES_READER_SLOTS + 1)
+/* A reader slot's owner while the daemon clears it: no client claims it. */
+#define PRES_RS_SWEEPING    (~(uint64_t)0)
 
 /* ---- areas of the records file ---------------------------------------- */
 
@@ -93,8 +99,8 @@ typedef struct {
  *   bits 40..41  state (PRES_DS_*)
  *   bits 42..49  seq: bumped by every publish of a connection copy; bit 0
  *                selects the current copy of conn[]
- *   bits 50..63  latch: 0 free, else (client index + 1) of the one writer
- *                allowed to write the other copy
+ *   bits 50..63  latch: 0 free, else (reader slot index + 1) of the one
+ *                thread allowed to write the other copy
  * Heartbeats change only the expiry, with one CAS; everything else about a
  * connection is written into the idle copy under the latch and published by
  * one CAS that flips seq.  See doc/region.md, "Device records".
@@ -128,12 +134,15 @@ enum pres_dev_state {
  * (it then notices the seq change and reads again). */
 typedef struct {
     uint32_t gw;             /* gateway table index */
-    uint32_t flags;          /* PRES_CONN_DIED: ended by its gateway's death */
+    uint32_t flags;          /* bit 0 PRES_CONN_DIED: ended by its gateway's
+                                death; bits 1..31 the gateway's incarnation
+                                (its `died` count) when this was written */
     uint64_t connected_at;   /* wall ms */
     uint64_t ended;          /* wall ms of the end (state DISCONNECTED) */
 } pres_conn_t;
 
 #define PRES_CONN_DIED   1u
+#define PRES_CONN_INC(f) ((f) >> 1)
 
 /* A record's alloc word: PRES_ALLOC_FREE while on the free stack (or never
  * used); an allocator claims it (CAS to its token) before popping it, so a
@@ -182,16 +191,20 @@ typedef struct {
 /* A gateway entry: 128 bytes, in an open-addressed table. */
 enum pres_gw_state { PRES_GW_EMPTY = 0, PRES_GW_FILLING = 1, PRES_GW_READY = 2 };
 typedef struct {
-    uint64_t state;          /* PRES_GW_* | (filler's client + 1) << 8 */
+    uint64_t state;          /* PRES_GW_* | (filler's client + 1) << 8 |
+                                (the key's hash tag) << 32 while FILLING */
     uint64_t owner;          /* client token of the attached process, 0 none,
-                                PRES_GW_CLOSED after its handle closed */
-    uint64_t died;           /* deaths handled by the daemon */
+                                PRES_GW_CLOSED after its handle closed,
+                                PRES_GW_DYING while the daemon ends its
+                                connections */
+    uint64_t died;           /* incarnation: deaths handled by the daemon */
     uint64_t spare;
     uint8_t  keylen;
     char     key[PRES_ID_MAX];
     uint64_t spare2[4];
 } pres_gw_t;
 #define PRES_GW_CLOSED   UINT64_C(1)
+#define PRES_GW_DYING    UINT64_C(2)
 
 _Static_assert(sizeof(pres_dev_t) == 192, "device record layout");
 _Static_assert(sizeof(pres_user_t) == 128, "user record layout");
@@ -263,6 +276,10 @@ typedef struct {
     pres_dcounters_t dc __attribute__((aligned(PRES_CACHELINE)));
     uint64_t daemon_pid  __attribute__((aligned(PRES_CACHELINE)));
     uint64_t daemon_beat_mono;    /* the daemon's clock at its last pass */
+    int64_t  wall_offset_ms;      /* wall = monotonic + this: every process
+                                     converts alike, so times do not drift
+                                     between reads; the daemon moves it when
+                                     the wall clock steps */
     uint64_t oldest_reader_ms;    /* age of the oldest open read section */
 } pres_hdr_t;
 
@@ -368,6 +385,8 @@ uint64_t pres__proc_start(int pid);
 /* The kernel's word on whether pid is the process that started at `start`
  * (0: any): a zombie or a reused pid is dead.  A stopped process is alive. */
 int  pres__proc_alive(int pid, uint64_t start);
+/* 0 dead (or reused), 1 alive and running, 2 alive and stopped or traced. */
+int  pres__proc_state(int pid, uint64_t start);
 int  pres__boot_id(char out[40]);
 int64_t pres__timens_mono_s(void);
 

@@ -22,12 +22,13 @@ struct pres {
     uint32_t     client;        /* our client slot */
     uint64_t     cgen;          /* its generation when we claimed it */
     uint64_t     token;         /* PRES_TOKEN(client, cgen) */
-    unsigned     latch;         /* client + 1: our value in a live word */
+    unsigned     latch;         /* client + 1: names us in ring slots and
+                                   half-filled gateway entries */
     uint64_t     id;            /* unique within the process */
     pthread_mutex_t lock;       /* guards the lists below (slow paths only) */
     uint32_t    *rslots;        /* reader slots claimed through this handle */
     size_t       n_rslots, cap_rslots;
-    uint64_t     spare_user;    /* index + 1 of an unpublished user record */
+    uint32_t     spare_users[4]; /* unpublished user records, index + 1 */
     uint32_t     gws[16];       /* gateways attached through this handle */
     size_t       n_gws;
     char         name[64];
@@ -93,10 +94,19 @@ static inline void pres__count(pres_rs_t *t, int which)
 PRES_HIDDEN int  pres__gp_client_register(pres_t *p);
 PRES_HIDDEN void pres__gp_client_release(pres_t *p);
 PRES_HIDDEN int  pres__client_alive(const pres_map_t *m, uint32_t client);
+enum { PRES_HOLDER_DEAD = 0, PRES_HOLDER_RUNNING, PRES_HOLDER_STOPPED };
+/* What the kernel says of the thread whose latch value this is. */
+PRES_HIDDEN int  pres__latch_holder_state(const pres_map_t *m, unsigned latch);
 
 /* Daemon side. */
 PRES_HIDDEN uint64_t pres__gp_advance(pres_map_t *m);
 PRES_HIDDEN uint64_t pres__gp_min_active(const pres_map_t *m, uint32_t *n_active);
+
+/* Wall-clock time of a monotonic instant, the same in every process. */
+static inline uint64_t pres__wall_of(const pres_map_t *m, uint64_t mono)
+{
+    return (uint64_t)((int64_t)mono + pa_load(&m->hdr->wall_offset_ms));
+}
 
 /* ---- allocation (alloc.c) ------------------------------------------------ */
 
