@@ -62,12 +62,15 @@ typedef struct {
     size_t         claims_n, claims_cap;
     uint64_t      *exp_seen;              /* per device: last expiry counted */
     uint8_t       *unl;                   /* per device: out of hash / user list */
-    uint8_t       *dead_seen;             /* per record: DEAD at the last sweep */
     uint8_t       *user_empty;            /* per user: empty at the last pass */
     uint32_t      *gw_pending;            /* per gateway: incarnation dying */
     uint64_t       hb_pos, ub_pos;        /* the passes, in chunks of buckets */
     uint64_t       pass_devices, pass_connected, pass_users;
     uint64_t       ticks;
+    int            sweep_soon;
+    int            gw_check, gw_dying;
+    uint8_t       *dead_seen;             /* per device: DEAD at the last sweep */
+    int64_t        devices_diff, users_diff;
     uint64_t       epoch_time[1024];      /* mono ms at which epoch e began */
     uint64_t       epoch_of[1024];
     uint64_t       last_tick_mono;

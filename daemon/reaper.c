@@ -34,9 +34,15 @@
 
 #define LIVE_LATCH_MASK   (~(uint64_t)0 << 50)
 #define LIVE_STATE_MASK   (UINT64_C(3) << 40)
-/* Buckets a pass visits a tick: at a million devices a pass of the whole
- * index takes 16 ticks (~0.3 s) and a tick stays a few milliseconds. */
-#define BUCKETS_PER_TICK  65536u
+/* Buckets a pass visits a tick: a small index every tick; a large one in
+ * PASS_TICKS ticks (a million devices: 20,972 buckets a tick, a full pass
+ * a second), so the daemon's work per second stays proportional to the
+ * store, not to the tick rate. */
+#define SMALL_INDEX       65536u
+#define PASS_TICKS        50u
+/* Checks that only repair after crashes or catch what an event missed run
+ * every this many ticks (1 s). */
+#define SLOW_TICKS        50u
 /* The record-table sweep runs every this many ticks (5 s). */
 #define SWEEP_TICKS       250u
 
@@ -145,7 +151,6 @@ static void dev_maybe_retire(pd_t *d, uint32_t i, unsigned bit)
     d->unl[i] |= (uint8_t)bit;
     if (d->unl[i] == (UNL_HASH | UNL_USER)) {
         d->unl[i] = 0;
-        d->dead_seen[i] = 0;
         pa_store(&d->m.devs[i].alloc, PRES_ALLOC_RETIRED);
         retire(d, i, 0);
     }
@@ -234,6 +239,7 @@ static int gateway_death(pd_t *d, uint32_t g, uint32_t inc)
 static void gateways_pass(pd_t *d)
 {
     pres_map_t *m = &d->m;
+    d->gw_dying = 0;
     for (uint32_t g = 0; g < m->gw_cap; g++) {
         pres_gw_t *e = &m->gws[g];
         uint64_t s = pa_load_acquire(&e->state);
@@ -262,10 +268,14 @@ static void gateways_pass(pd_t *d)
         } else if (owner == PRES_GW_DYING && !d->gw_pending[g]) {
             d->gw_pending[g] = (uint32_t)pa_load(&e->died) | 0x80000000u;
         }
-        if (d->gw_pending[g] && gateway_death(d, g, d->gw_pending[g] & 0x7fffffffu) == 0) {
-            d->gw_pending[g] = 0;
-            uint64_t exp = PRES_GW_DYING;
-            pa_cas(&e->owner, &exp, 0);
+        if (d->gw_pending[g]) {
+            if (gateway_death(d, g, d->gw_pending[g] & 0x7fffffffu) == 0) {
+                d->gw_pending[g] = 0;
+                uint64_t exp = PRES_GW_DYING;
+                pa_cas(&e->owner, &exp, 0);
+            } else {
+                d->gw_dying = 1;     /* again next tick */
+            }
         }
     }
 }
@@ -358,6 +368,7 @@ static void client_dead_records(pd_t *d, uint32_t client, uint64_t token, const 
 static void client_gone(pd_t *d, uint32_t client, uint64_t token, int dead)
 {
     pres_map_t *m = &d->m;
+    d->gw_check = 1;
     uint8_t slots[PRES_READER_SLOTS];
     memset(slots, 0, sizeof slots);
     for (uint32_t i = 0; i < PRES_READER_SLOTS; i++) {
@@ -365,8 +376,10 @@ static void client_gone(pd_t *d, uint32_t client, uint64_t token, int dead)
         if (o && o != PRES_RS_SWEEPING && (o & ~UINT64_C(0xffffffff)) == token)
             slots[i] = 1;
     }
-    if (dead)
+    if (dead) {
         client_dead_records(d, client, token, slots);
+        d->sweep_soon = 1;
+    }
     for (uint32_t i = 0; i < PRES_READER_SLOTS; i++)
         if (slots[i])
             rslot_sweep(d, i, pa_load_acquire(&m->rslots[i].owner));
@@ -449,6 +462,7 @@ static unsigned dev_examine(pd_t *d, uint32_t i, uint64_t nm, uint64_t nw)
         /* The CAS fails if a client refreshed the record meanwhile. */
         if (evict && pa_cas(&r->live, &L, (L & ~LIVE_STATE_MASK) | ((uint64_t)PRES_DS_DEAD << 40))) {
             pa_add_relaxed(&m->hdr->dc.evictions, 1);
+            pa_add_relaxed(&m->hdr->dc.devices_gone, 1);
             return PRES_DS_DEAD;
         }
     }
@@ -563,6 +577,8 @@ static void user_chain_pass(pd_t *d, uint64_t b)
             if (d->user_empty[u]) {
                 uint64_t exp = dh;
                 retire_it = pa_cas(&r->dhead, &exp, PRES_LINK_RETIRED);
+                if (retire_it)
+                    pa_add_relaxed(&m->hdr->dc.users_gone, 1);
             } else {
                 d->user_empty[u] = 1;
             }
@@ -591,29 +607,60 @@ static void user_chain_pass(pd_t *d, uint64_t b)
     }
 }
 
+/* pres_stats counts devices and users from counters clients bump right
+ * after the CAS that publishes or supersedes a record; a client killed
+ * between the two leaves the count off by one.  A pass that finds the same
+ * difference from what it counted as the pass before corrects it (a store
+ * in use differs by what changed during the pass, a moving target). */
+static void correct_count(pd_t *d, int users, uint64_t counted)
+{
+    pres_stats_t st;
+    pres_t fake;
+    memset(&fake, 0, sizeof fake);
+    fake.m = d->m;
+    if (pres_stats(&fake, &st) < 0)
+        return;
+    int64_t diff = (int64_t)counted - (int64_t)(users ? st.users : st.devices);
+    int64_t *last = users ? &d->users_diff : &d->devices_diff;
+    if (diff != 0 && diff == *last) {
+        uint64_t *adj = users ? &d->m.hdr->dc.users_adjust : &d->m.hdr->dc.devices_adjust;
+        pa_store(adj, pa_load(adj) + (uint64_t)diff);
+        pd_log(LOG_DEBUG, "%s count corrected by %lld", users ? "user" : "device",
+               (long long)diff);
+        *last = 0;
+        return;
+    }
+    *last = diff;
+}
+
+static uint64_t chunk_of(uint64_t buckets)
+{
+    return buckets <= SMALL_INDEX ? buckets : (buckets + PASS_TICKS - 1) / PASS_TICKS;
+}
+
 static void index_passes(pd_t *d, uint64_t nm, uint64_t nw)
 {
     pres_map_t *m = &d->m;
-    uint64_t end = d->hb_pos + BUCKETS_PER_TICK;
+    uint64_t end = d->hb_pos + chunk_of(m->dev_mask + 1);
     if (end > m->dev_mask + 1)
         end = m->dev_mask + 1;
     for (uint64_t b = d->hb_pos; b < end; b++)
         dev_chain_pass(d, b, nm, nw);
     d->hb_pos = end;
     if (end == m->dev_mask + 1) {
-        pa_store(&m->hdr->dc.devices, d->pass_devices);
         pa_store(&m->hdr->dc.connected, d->pass_connected);
+        correct_count(d, 0, d->pass_devices);
         d->hb_pos = 0;
         d->pass_devices = d->pass_connected = 0;
     }
-    end = d->ub_pos + BUCKETS_PER_TICK;
+    end = d->ub_pos + chunk_of(m->user_mask + 1);
     if (end > m->user_mask + 1)
         end = m->user_mask + 1;
     for (uint64_t b = d->ub_pos; b < end; b++)
         user_chain_pass(d, b);
     d->ub_pos = end;
     if (end == m->user_mask + 1) {
-        pa_store(&m->hdr->dc.users, d->pass_users);
+        correct_count(d, 1, d->pass_users);
         d->ub_pos = 0;
         d->pass_users = 0;
     }
@@ -641,19 +688,17 @@ static int user_linked(pres_map_t *m, uint32_t u)
 
 /* What no chain walk reaches: DEAD records out of one index or both (a
  * client killed between linking a record into its user's list and into
- * the hash chain, or a connect that gave up), seen DEAD on two sweeps in a
- * row; records PENDING with nobody behind them; user records taken by a
- * client that is gone and never published. */
+ * the hash chain, or a connect that gave up); records PENDING with nobody
+ * behind them; user records taken by a client that is gone and never
+ * published. */
 static void table_sweep(pd_t *d)
 {
     pres_map_t *m = &d->m;
     for (uint32_t i = 0; i < m->dev_cap; i++) {
         pres_dev_t *r = &m->devs[i];
         uint64_t a = pa_load(&r->alloc);
-        if (a == PRES_ALLOC_FREE || a == PRES_ALLOC_POOLED || a == PRES_ALLOC_RETIRED) {
-            d->dead_seen[i] = 0;
+        if (a == PRES_ALLOC_FREE || a == PRES_ALLOC_POOLED || a == PRES_ALLOC_RETIRED)
             continue;
-        }
         uint64_t L = pa_load_acquire(&r->live);
         unsigned st = PRES_LIVE_STATE(L), holder = PRES_LIVE_LATCH(L);
         if (st == PRES_DS_PENDING && ((holder && !latch_live(d, holder)) ||
@@ -666,10 +711,15 @@ static void table_sweep(pd_t *d)
             d->dead_seen[i] = 0;
             continue;
         }
+        /* DEAD on two sweeps in a row: the chain passes, which run before
+         * each sweep and unlink what they find in one walk per chain, did
+         * not reach it.  Only then walk for it (a walk per record). */
         if (!d->dead_seen[i]) {
             d->dead_seen[i] = 1;
             continue;
         }
+        d->dead_seen[i] = 0;
+        pd_log(LOG_DEBUG, "sweep: device record %u DEAD and still linked", i);
         uint32_t gen = pa_load(&r->gen);
         int rh = 0, ru = 0;
         if (keylen_ok(r->keylen)) {
@@ -715,6 +765,7 @@ static void free_record(pd_t *d, const pd_retired_t *e)
         pa_store(&r->live, 0);
         d->exp_seen[e->idx] = 0;
         d->unl[e->idx] = 0;
+        d->dead_seen[e->idx] = 0;
     }
     pool_back(d, (int)e->users, e->idx);
 }
@@ -858,12 +909,26 @@ void pd_tick(pd_t *d)
         pa_store(&m->hdr->wall_offset_ms, off);
     }
     nw = pres__wall_of(m, nm);
+    d->gw_check = 0;
     pd_clients_poll(d, client_gone);
-    readers_sweep(d);
-    gateways_pass(d);
+    if (d->ticks % SLOW_TICKS == 0) {
+        readers_sweep(d);
+        d->gw_check = 1;
+    }
+    /* Gateway owners change when clients close or die (the poll above), a
+     * death takes a few ticks when writers hold latches, and the slow
+     * check catches the rest. */
+    if (d->gw_check || d->gw_dying)
+        gateways_pass(d);
     index_passes(d, nm, nw);
-    if (++d->ticks % SWEEP_TICKS == 0)
+    /* The sweep reads every record: five times a second for a small
+     * store, every few seconds for a large one, and at once after a client
+     * died. */
+    d->ticks++;
+    if (d->sweep_soon || d->ticks % (m->dev_cap <= SMALL_INDEX ? 10 : SWEEP_TICKS) == 0) {
+        d->sweep_soon = 0;
         table_sweep(d);
+    }
     grace_periods(d, nm);
     claims_check(d);
     ring_service(d, 0);
@@ -931,7 +996,7 @@ int pd_adopt(pd_t *d)
     pres_map_t *m = &d->m;
     d->exp_seen = calloc(m->dev_cap, sizeof *d->exp_seen);
     d->unl = calloc(m->dev_cap, 1);
-    d->dead_seen = calloc(m->dev_cap > m->user_cap ? m->dev_cap : m->user_cap, 1);
+    d->dead_seen = calloc(m->dev_cap, 1);
     d->user_empty = calloc(m->user_cap, 1);
     d->gw_pending = calloc(m->gw_cap, sizeof *d->gw_pending);
     d->dev_offered = calloc(m->dev_cap, sizeof *d->dev_offered);

@@ -119,7 +119,9 @@ PRES_API int pres_connect(pres_t *p, const char *user_id,
  * (and that was not disconnected) is connected again on the same gateway:
  * a late heartbeat.
  * @return 0; -ENOENT unknown or disconnected device; -EINVAL; -ENAMETOOLONG;
- *         -EROFS; -EPROTO.
+ *         -EROFS; -EPROTO; -EBUSY when a change of TTL (or a late heartbeat)
+ *         finds another writer of this device stopped (SIGSTOP, a
+ *         debugger) in the middle of changing it.
  * Cost: one lookup and one compare-and-swap.
  */
 PRES_API int pres_heartbeat(pres_t *p, const char *device_id, uint32_t ttl_ms);
@@ -131,7 +133,8 @@ PRES_API int pres_heartbeat_ref(pres_t *p, pres_ref_t ref, uint32_t ttl_ms);
 /**
  * End the device's connection now; its last seen becomes now.  A device
  * whose TTL had already passed keeps its last seen.
- * @return 0; -ENOENT unknown device; -EINVAL; -ENAMETOOLONG; -EROFS.
+ * @return 0; -ENOENT unknown device; -EINVAL; -ENAMETOOLONG; -EROFS;
+ *         -EBUSY another writer of this device is stopped mid-change.
  */
 PRES_API int pres_disconnect(pres_t *p, const char *device_id);
 

@@ -262,21 +262,24 @@ static pres_rs_t *enter_rw(pres_t *p, int *rc)
 /* Also a PENDING record: a concurrent connect of the same device that
  * linked its record before ours must not publish it after ours; its
  * publish CAS fails and it looks again (the latch bits stay). */
-static void mark_dead(pres_dev_t *d)
+static void mark_dead(pres_rs_t *t, pres_dev_t *d)
 {
     uint64_t L = pa_load(&d->live);
     for (;;) {
         unsigned st = PRES_LIVE_STATE(L);
         if (st == PRES_DS_DEAD)
             return;
-        if (pa_cas(&d->live, &L, (L & ~LIVE_STATE_MASK) | ((uint64_t)PRES_DS_DEAD << 40)))
+        if (pa_cas(&d->live, &L, (L & ~LIVE_STATE_MASK) | ((uint64_t)PRES_DS_DEAD << 40))) {
+            if (st != PRES_DS_PENDING)
+                pres__count(t, PRES_C_DEV_GONE);     /* it was held */
             return;
+        }
     }
 }
 
 /* After publishing record i, mark the older records of the same device
  * behind it in the chain DEAD: the newest connect wins. */
-static void supersede_older(pres_map_t *m, uint32_t i, const char *id, size_t len)
+static void supersede_older(pres_map_t *m, pres_rs_t *t, uint32_t i, const char *id, size_t len)
 {
     uint64_t l = pa_load_acquire(&m->devs[i].next);
     for (uint32_t steps = 0; !PRES_LINK_IS_NULLS(l) && steps <= m->dev_cap; steps++) {
@@ -285,7 +288,7 @@ static void supersede_older(pres_map_t *m, uint32_t i, const char *id, size_t le
             return;
         pres_dev_t *o = &m->devs[j];
         if (pres__key_eq(&o->keylen, o->key, id, len))
-            mark_dead(o);
+            mark_dead(t, o);
         l = pa_load_acquire(&o->next);
     }
 }
@@ -387,7 +390,8 @@ static int connect_new(pres_t *p, pres_rs_t *t, const char *user, size_t ulen,
         abandon(d);
         return -EAGAIN;
     }
-    supersede_older(m, i, id, len);
+    pres__count(t, PRES_C_DEV_NEW);
+    supersede_older(m, t, i, id, len);
     *idx = i;
     return 0;
 }

@@ -32,11 +32,13 @@ static const struct {
 PRES_API const char *pres_strerror(int err)
 {
     static __thread char buf[128];
-    int code = err < 0 ? -err : err;
+    /* -INT_MIN does not exist: negate as unsigned. */
+    unsigned code = err < 0 ? 0u - (unsigned)err : (unsigned)err;
     for (size_t i = 0; i < sizeof errors / sizeof errors[0]; i++)
-        if (errors[i].code == code)
+        if ((unsigned)errors[i].code == code)
             return errors[i].msg;
-    const char *name = strerrorname_np(code);
-    snprintf(buf, sizeof buf, "%s: %s", name ? name : "EUNKNOWN", strerror(code));
+    const char *name = code <= 4095 ? strerrorname_np((int)code) : NULL;
+    snprintf(buf, sizeof buf, "%s: %s", name ? name : "EUNKNOWN",
+             code <= 4095 ? strerror((int)code) : "unknown error");
     return buf;
 }

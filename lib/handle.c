@@ -103,9 +103,15 @@ PRES_API int pres_stats(pres_t *p, pres_stats_t *out)
     }
     memset(out, 0, sizeof *out);
     out->capacity = m->dev_cap;
-    out->devices = pa_load(&dc->devices);
+    /* Held now: published minus superseded or evicted (a sum read while
+     * others write may be off by what happens during the call). */
+    int64_t dv = (int64_t)(c[PRES_C_DEV_NEW] + pa_load(&dc->devices_adjust) -
+                           c[PRES_C_DEV_GONE] - pa_load(&dc->devices_gone));
+    int64_t us = (int64_t)(c[PRES_C_USER_NEW] + pa_load(&dc->users_adjust) -
+                           pa_load(&dc->users_gone));
+    out->devices = dv > 0 ? (uint64_t)dv : 0;
+    out->users = us > 0 ? (uint64_t)us : 0;
     out->connected = pa_load(&dc->connected);
-    out->users = pa_load(&dc->users);
     out->connects = c[PRES_C_CONNECTS];
     out->disconnects = c[PRES_C_DISCONNECTS];
     out->heartbeats = c[PRES_C_HEARTBEATS];

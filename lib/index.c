@@ -145,6 +145,9 @@ int pres__idx_user_get(pres_t *p, const char *key, size_t len, uint32_t *out)
         pa_store(&u->next, head);
         /* The CAS publishes the filled record (full barrier). */
         if (pa_cas(&m->user_buckets[b], &head, PRES_LINK(spare, pa_load(&u->gen)))) {
+            pres_rs_t *t = pres__gp_slot(p);
+            if (t)
+                pres__count(t, PRES_C_USER_NEW);
             *out = spare;
             return 0;
         }

@@ -233,10 +233,14 @@ _Static_assert(sizeof(pres_gw_t) == 128, "gateway entry layout");
 
 /* Counters the daemon keeps. */
 typedef struct {
-    uint64_t devices, connected, users;
+    uint64_t devices_gone;        /* published device records evicted */
+    uint64_t connected;
+    uint64_t users_gone;          /* published user records retired */
     uint64_t expirations, gateway_deaths, events, evictions, grace_periods;
     uint64_t mirror_lag_ms;
-    uint64_t spare[7];
+    uint64_t devices_adjust;      /* corrections (two's complement) of the */
+    uint64_t users_adjust;        /* counts, see daemon/reaper.c */
+    uint64_t spare[5];
 } pres_dcounters_t;
 
 /* Counters a client keeps in its own client slot (no shared cache line on
@@ -244,7 +248,11 @@ typedef struct {
  * that have gone. */
 enum {
     PRES_C_CONNECTS = 0, PRES_C_DISCONNECTS, PRES_C_HEARTBEATS,
-    PRES_C_LATE_HEARTBEATS, PRES_C_STALE_REPORTS, PRES_C_COUNT
+    PRES_C_LATE_HEARTBEATS, PRES_C_STALE_REPORTS,
+    PRES_C_DEV_NEW,          /* device records published */
+    PRES_C_DEV_GONE,         /* published device records superseded */
+    PRES_C_USER_NEW,         /* user records published */
+    PRES_C_COUNT
 };
 
 /* The header of the records file. */
@@ -297,20 +305,21 @@ typedef struct {
     uint64_t ready;          /* 1 once pid/start are filled */
     uint64_t flags;          /* PRES_CL_RDWR */
     uint64_t counters[PRES_C_COUNT];
-    uint64_t spare[6];
+    uint64_t spare[3];
 } pres_client_t;
 #define PRES_CL_RDWR 1u
 _Static_assert(sizeof(pres_client_t) == 128, "client slot layout");
 
-/* A reader slot: one cache line, so readers never share a line. */
+/* A reader slot: two cache lines of its own, so readers never share one;
+ * the counters sit with the epoch because the same thread writes both. */
 typedef struct {
     uint64_t epoch;          /* 0: outside read sections; else the grace
                                 period epoch seen on entry */
     uint64_t owner;          /* 0 free; else PRES_RS_OWNER(client, gen, n) */
     uint64_t counters[PRES_C_COUNT]; /* written by the owning thread only */
-    uint64_t pad[1];
+    uint64_t pad[6];
 } pres_rslot_t;
-_Static_assert(sizeof(pres_rslot_t) == PRES_CACHELINE, "reader slot layout");
+_Static_assert(sizeof(pres_rslot_t) == 2 * PRES_CACHELINE, "reader slot layout");
 
 #define PRES_RS_OWNER(client, cgen, n)  (PRES_TOKEN(client, cgen) | (uint32_t)(n))
 

@@ -3,11 +3,11 @@
 # it installs the missing ones; otherwise it names the command and fails.
 set -u
 need=""
-[ -f /usr/include/urcu/uatomic.h ] || need="$need liburcu-dev"
-[ -f /usr/include/lmdb.h ]         || need="$need liblmdb-dev"
-[ -f /usr/include/cmocka.h ]       || need="$need libcmocka-dev"
-command -v cc >/dev/null 2>&1      || need="$need gcc"
-command -v pkg-config >/dev/null 2>&1 || need="$need pkg-config"
+for pkg in liburcu-dev liblmdb-dev libcmocka-dev pkg-config; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" ||
+        need="$need $pkg"
+done
+command -v cc >/dev/null 2>&1 || need="$need gcc"
 [ -z "$need" ] && exit 0
 if [ "$(id -u)" = 0 ]; then
     echo "installing missing packages:$need" >&2

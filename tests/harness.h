@@ -1,0 +1,81 @@
+/*
+ * harness.h - helpers shared by the tests: a private store in a temporary
+ * directory served by a real presenced, the tools run as child processes,
+ * and polling for conditions under a deadline (never a bare sleep).
+ *
+ * The binaries under test are found in $PRES_BUILD (set by tests/run.sh to
+ * build, build/asan or build/tsan).
+ */
+#ifndef PRES_TEST_HARNESS_H
+#define PRES_TEST_HARNESS_H
+
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+typedef struct {
+    char  dir[256];     /* temporary PRESENCE_SHM_DIR, removed by stop */
+    char  db[300];      /* dir/db, passed as --db */
+    char  name[64];     /* store name, also set as PRESENCE_NAME */
+    pid_t pid;          /* the daemon, 0 when not running */
+} th_store_t;
+
+/* The build directory holding presenced, presencectl, ... */
+const char *th_build_dir(void);
+
+/* Make a temporary directory, set PRESENCE_SHM_DIR and PRESENCE_NAME in the
+ * environment, start `presenced --foreground --name NAME --db DIR/db` plus
+ * the NULL-terminated extra arguments (may be NULL), and wait (<= 10 s) until
+ * pres_open succeeds.  Returns 0 or -1. */
+int  th_store_start(th_store_t *s, const char *const *extra_args);
+
+/* Start the daemon again on the same directory and name (after a stop or a
+ * kill), waiting until the store opens.  Returns 0 or -1. */
+int  th_daemon_start(th_store_t *s, const char *const *extra_args);
+
+/* Spawn presenced with the given arguments (NULL-terminated, without argv[0])
+ * and wait for it to exit; returns its exit status, or -1 if it did not exit
+ * within timeout_ms (it is then killed).  stderr goes to errbuf if not NULL. */
+int  th_daemon_run_expect_exit(const char *const *args, int timeout_ms,
+                               char *errbuf, size_t errcap);
+
+/* SIGTERM the daemon and wait for it; returns its exit status (or -1). */
+int  th_daemon_stop(th_store_t *s);
+
+/* SIGKILL the daemon and reap it. */
+void th_daemon_kill(th_store_t *s);
+
+/* Stop the daemon if running and remove the directory.  A daemon that does
+ * not exit 0 on SIGTERM is reported on stderr with its log.  With
+ * $PRES_TEST_KEEP set the directory is kept (and named). */
+void th_store_destroy(th_store_t *s);
+
+/* Print the daemon's stderr, kept in DIR/presenced.log (unless
+ * $PRES_TEST_VERBOSE is set: then the daemon writes to our stderr). */
+void th_store_dump_log(const th_store_t *s);
+
+/* Run build/presencectl with --name s->name and the given arguments
+ * (NULL-terminated); capture stdout into out (NUL-terminated, truncated to
+ * cap).  Returns the exit status, or -1. */
+int  th_ctl(th_store_t *s, char *out, size_t cap, const char *const *args);
+
+/* Poll cond(arg) every millisecond or so until it returns non-zero or
+ * timeout_ms passes.  Returns 1 when the condition held, 0 on timeout. */
+int  th_wait_until(int (*cond)(void *arg), void *arg, int timeout_ms);
+
+/* Monotonic milliseconds. */
+uint64_t th_mono_ms(void);
+
+/* Fork a child that runs fn(arg) and _exit()s with its return value. */
+pid_t th_fork(int (*fn)(void *arg), void *arg);
+
+/* Wait for a child; returns its exit status, 128+signal if killed, or -1
+ * if it has not exited within timeout_ms (it is then SIGKILLed). */
+int  th_wait_child(pid_t pid, int timeout_ms);
+
+/* Scale for iteration counts: 1 normally, smaller under sanitizers
+ * ($PRES_TEST_SANITIZED set), so the whole suite stays quick. */
+int  th_scale(int normal, int sanitized);
+
+#endif /* PRES_TEST_HARNESS_H */
