@@ -472,27 +472,6 @@ static void test_restart_adopts_region(void **state)
     pres_close(p);
 }
 
-/* Remove the store's shared-memory files, leaving the LMDB mirror. */
-static void remove_region_files(void)
-{
-    char prefix[80];
-    snprintf(prefix, sizeof prefix, "presence.%s", S.name);
-    DIR *d = opendir(S.dir);
-    assert_non_null(d);
-    struct dirent *e;
-    int removed = 0;
-    while ((e = readdir(d))) {
-        if (strncmp(e->d_name, prefix, strlen(prefix)) != 0)
-            continue;
-        char path[600];
-        snprintf(path, sizeof path, "%s/%s", S.dir, e->d_name);
-        assert_int_equal(unlink(path), 0);
-        removed++;
-    }
-    closedir(d);
-    assert_true(removed > 0);
-}
-
 /* ------------------------------------------------------------------------ */
 /* Gateway death                                                             */
 
