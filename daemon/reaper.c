@@ -291,12 +291,7 @@ static int rslot_sweep(pd_t *d, uint32_t i, uint64_t o)
     pres_rslot_t *s = &m->rslots[i];
     if (!pa_cas(&s->owner, &o, PRES_RS_SWEEPING))
         return 0;
-    for (int k = 0; k < PRES_C_COUNT; k++) {
-        uint64_t v = pa_load(&s->counters[k]);
-        if (v)
-            pa_add_relaxed(&m->rhdr->folded[k], v);
-        pa_store(&s->counters[k], 0);
-    }
+    pres__counters_fold(m, s->counters);
     pa_store(&s->epoch, 0);
     pa_store_release(&s->owner, 0);
     return 1;
@@ -384,14 +379,8 @@ static void client_gone(pd_t *d, uint32_t client, uint64_t token, int dead)
         if (slots[i])
             rslot_sweep(d, i, pa_load_acquire(&m->rslots[i].owner));
     pres_client_t *c = &m->clients[client];
-    if (dead && (pa_load(&c->gen) & 0xffffu) == ((token >> 32) & 0xffffu)) {
-        for (int k = 0; k < PRES_C_COUNT; k++) {
-            uint64_t v = pa_load(&c->counters[k]);
-            if (v)
-                pa_add_relaxed(&m->rhdr->folded[k], v);
-            pa_store(&c->counters[k], 0);
-        }
-    }
+    if (dead && (pa_load(&c->gen) & 0xffffu) == ((token >> 32) & 0xffffu))
+        pres__counters_fold(m, c->counters);
 }
 
 /* Reader slots whose client slot was freed or reused without them being

@@ -41,18 +41,23 @@ static pres_t *reg_find(uint64_t hid)
     return NULL;
 }
 
+void pres__counters_fold(pres_map_t *m, uint64_t *counters)
+{
+    for (int k = 0; k < PRES_C_COUNT; k++) {
+        uint64_t v = pa_load(&counters[k]);
+        if (v) {
+            pa_add_relaxed(&m->rhdr->folded[k], v);
+            pa_store(&counters[k], 0);
+        }
+    }
+}
+
 /* Give a reader slot back: its counters are folded into the totals first so
  * pres_stats never loses a count.  Called with reg_lock held. */
 static void slot_release(pres_t *p, uint32_t index)
 {
     pres_rslot_t *s = &p->m.rslots[index];
-    for (int c = 0; c < PRES_C_COUNT; c++) {
-        uint64_t v = pa_load(&s->counters[c]);
-        if (v) {
-            pa_add_relaxed(&p->m.rhdr->folded[c], v);
-            pa_store(&s->counters[c], 0);
-        }
-    }
+    pres__counters_fold(&p->m, s->counters);
     pa_store(&s->epoch, 0);
     pa_store_release(&s->owner, 0);
     pthread_mutex_lock(&p->lock);
@@ -219,12 +224,7 @@ void pres__gp_client_release(pres_t *p)
         pa_cas(&m->gws[p->gws[i]].owner, &exp, PRES_GW_CLOSED);
     }
     pres_client_t *c = &m->clients[p->client];
-    for (int k = 0; k < PRES_C_COUNT; k++) {
-        uint64_t v = pa_load(&c->counters[k]);
-        if (v)
-            pa_add_relaxed(&m->rhdr->folded[k], v);
-        pa_store(&c->counters[k], 0);
-    }
+    pres__counters_fold(m, c->counters);
     pa_store(&c->ready, 0);
     pa_store(&c->gen, pa_load(&c->gen) + 1);
     pa_store_release(&c->pid, 0);

@@ -91,6 +91,8 @@ static inline void pres__count(pres_rs_t *t, int which)
     pa_store(c, pa_load(c) + 1);
 }
 
+/* Add a slot's counters to the totals of departed slots, and zero them. */
+PRES_HIDDEN void pres__counters_fold(pres_map_t *m, uint64_t *counters);
 PRES_HIDDEN int  pres__gp_client_register(pres_t *p);
 PRES_HIDDEN void pres__gp_client_release(pres_t *p);
 PRES_HIDDEN int  pres__client_alive(const pres_map_t *m, uint32_t client);
