@@ -86,7 +86,15 @@ void pd_shutdown(pd_t *d);
 
 /* liveness.c */
 void pd_clients_init(pd_t *d);
-void pd_clients_poll(pd_t *d, void (*gone)(pd_t *, uint32_t, uint64_t token, int dead));
+/* A client that went: its slot index and its token (index + generation). */
+typedef struct {
+    uint32_t client;
+    uint64_t token;
+} pd_gone_t;
+
+/* Calls gone() once for the clients found dead (dead = 1), and once for
+ * each that closed its handle (dead = 0). */
+void pd_clients_poll(pd_t *d, void (*gone)(pd_t *, const pd_gone_t *, size_t, int dead));
 int  pd_client_live(const pd_t *d, uint32_t client);
 int  pd_token_live(const pd_t *d, uint64_t token);
 

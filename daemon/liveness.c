@@ -62,7 +62,7 @@ static int track(pd_client_t *c, uint64_t pid, uint64_t start, uint64_t gen)
     return c->alive;
 }
 
-void pd_clients_poll(pd_t *d, void (*gone)(pd_t *, uint32_t, uint64_t, int))
+void pd_clients_poll(pd_t *d, void (*gone)(pd_t *, const pd_gone_t *, size_t, int))
 {
     pres_map_t *m = &d->m;
     struct pollfd pfd[PRES_CLIENTS];
@@ -77,16 +77,18 @@ void pd_clients_poll(pd_t *d, void (*gone)(pd_t *, uint32_t, uint64_t, int))
         if (c->pid && (pid != c->pid || gen != c->gen)) {
             /* The client we tracked closed its handle (and the slot may
              * already serve another): sweep what it may have left. */
-            uint64_t tok = PRES_TOKEN(i, c->gen);
+            pd_gone_t g = { i, PRES_TOKEN(i, c->gen) };
             untrack(c);
-            gone(d, i, tok, 0);
+            gone(d, &g, 1, 0);
         }
         if (!pid)
             continue;
-        if (!pa_load_acquire(&s->ready)) {
-            /* Claimed, start time not yet written: only a vanished pid
-             * is certain. */
+        if (!pa_load_acquire(&s->ready) && c->pid != pid) {
+            /* Claimed, start time not yet written (or a tracked client
+             * half-way through closing: its pidfd decides below): only a
+             * vanished pid is certain. */
             if (kill((pid_t)pid, 0) < 0 && errno == ESRCH) {
+                pa_store(&s->gen, gen + 1);
                 uint64_t exp = pid;
                 if (pa_cas(&s->pid, &exp, 0))
                     pd_log(LOG_INFO, "client slot %u: pid %llu died while attaching", i,
@@ -121,25 +123,34 @@ void pd_clients_poll(pd_t *d, void (*gone)(pd_t *, uint32_t, uint64_t, int))
             if (pfd[k].fd < 0)
                 pfd[k].revents = keep[k];
     }
+    /* All the dead of this poll are repaired together: one scan of the
+     * records however many died at once. */
+    pd_gone_t dead_list[PRES_CLIENTS];
+    uint64_t dead_pid[PRES_CLIENTS];
+    size_t nd = 0;
     for (nfds_t k = 0; k < n; k++) {
         uint32_t i = who[k];
         pd_client_t *c = &d->cl[i];
-        int dead = pfd[k].revents != 0;
+        int dead = (pfd[k].revents & (POLLIN | POLLHUP)) != 0;
         if (!dead && c->pidfd < 0 && c->alive)
             dead = !pres__proc_alive((int)c->pid, c->start);  /* no pidfd */
         if (!dead)
             continue;
-        uint64_t tok = PRES_TOKEN(i, c->gen);
-        uint64_t pid = c->pid;
+        dead_list[nd] = (pd_gone_t){ i, PRES_TOKEN(i, c->gen) };
+        dead_pid[nd++] = c->pid;
+        pd_log(LOG_INFO, "client %u (pid %llu) is dead", i, (unsigned long long)c->pid);
         untrack(c);
-        pd_log(LOG_INFO, "client %u (pid %llu) is dead", i, (unsigned long long)pid);
-        gone(d, i, tok, 1);
+    }
+    if (!nd)
+        return;
+    gone(d, dead_list, nd, 1);
+    for (size_t k = 0; k < nd; k++) {
         /* Free the slot for others, unless it was reused meanwhile. */
-        pres_client_t *s = &m->clients[i];
-        if (pa_load(&s->pid) == pid) {
+        pres_client_t *s = &m->clients[dead_list[k].client];
+        if (pa_load(&s->pid) == dead_pid[k]) {
             pa_store(&s->ready, 0);
             pa_store(&s->gen, pa_load(&s->gen) + 1);
-            uint64_t exp = pid;
+            uint64_t exp = dead_pid[k];
             pa_cas(&s->pid, &exp, 0);
         }
     }

@@ -212,34 +212,49 @@ static int dev_end_by_death(pd_t *d, uint32_t i, uint32_t gw, uint32_t inc, uint
     return 0;
 }
 
-/* End the connections of gateway g made before incarnation inc.  0 when all
- * are ended, -EBUSY to try again next tick. */
-static int gateway_death(pd_t *d, uint32_t g, uint32_t inc)
+/* End, in one scan of the records, the connections of every dying gateway
+ * made before its death.  Gateways whose records a live writer holds
+ * latched stay pending for another try. */
+static void gateway_deaths_run(pd_t *d)
 {
     pres_map_t *m = &d->m;
     uint64_t nm = pres__mono_ms();
-    int busy = 0, n = 0;
+    uint8_t *busy = calloc(m->gw_cap, 1);
+    if (!busy)
+        return;
     for (uint32_t i = 0; i < m->dev_cap; i++) {
         pres_dev_t *r = &m->devs[i];
         uint64_t L = pa_load(&r->live);
-        if (PRES_LIVE_STATE(L) != PRES_DS_CONNECTED ||
-            pa_load(&r->conn[PRES_LIVE_SEQ(L) & 1].gw) != g)
+        if (PRES_LIVE_STATE(L) != PRES_DS_CONNECTED)
             continue;
-        if (dev_end_by_death(d, i, g, inc, nm) < 0)
-            busy = 1;
-        else
-            n++;
+        uint32_t g = pa_load(&r->conn[PRES_LIVE_SEQ(L) & 1].gw);
+        if (g >= m->gw_cap || !d->gw_pending[g])
+            continue;
+        if (dev_end_by_death(d, i, g, d->gw_pending[g] & 0x7fffffffu, nm) < 0)
+            busy[g] = 1;
     }
-    const pres_gw_t *e = &m->gws[g];
-    pd_log(LOG_INFO, "gateway %.*s: connections ended (%d records)",
-           keylen_ok(e->keylen) ? (int)e->keylen : 0, e->key, n);
-    return busy ? -EBUSY : 0;
+    d->gw_dying = 0;
+    for (uint32_t g = 0; g < m->gw_cap; g++) {
+        if (!d->gw_pending[g])
+            continue;
+        if (busy[g]) {
+            d->gw_dying = 1;
+            continue;
+        }
+        const pres_gw_t *e = &m->gws[g];
+        pd_log(LOG_INFO, "gateway %.*s: its connections are ended",
+               keylen_ok(e->keylen) ? (int)e->keylen : 0, e->key);
+        d->gw_pending[g] = 0;
+        uint64_t exp = PRES_GW_DYING;
+        pa_cas(&m->gws[g].owner, &exp, 0);
+    }
+    free(busy);
 }
 
 static void gateways_pass(pd_t *d)
 {
     pres_map_t *m = &d->m;
-    d->gw_dying = 0;
+    int any = 0;
     for (uint32_t g = 0; g < m->gw_cap; g++) {
         pres_gw_t *e = &m->gws[g];
         uint64_t s = pa_load_acquire(&e->state);
@@ -256,28 +271,25 @@ static void gateways_pass(pd_t *d)
         uint64_t owner = pa_load_acquire(&e->owner);
         if (owner && owner != PRES_GW_DYING &&
             (owner == PRES_GW_CLOSED || !pd_token_live(d, owner))) {
-            /* DYING stays in the region until every connection is ended,
-             * so a daemon restarted meanwhile finishes the job.  A process
-             * attaching the id again replaces it: its connections carry
-             * the next incarnation and are left alone. */
+            /* The incarnation goes up first and the one being ended is
+             * recorded in the region, then the owner becomes DYING: a
+             * daemon killed anywhere here, and restarted, finishes the job
+             * with the right incarnation.  A process attaching the id again
+             * replaces the owner; its connections carry the new
+             * incarnation and are left alone. */
+            uint64_t inc = pa_fetch_add(&e->died, 1) + 1;
+            pa_store(&e->ending, inc);
             if (pa_cas(&e->owner, &owner, PRES_GW_DYING)) {
-                uint64_t inc = pa_fetch_add(&e->died, 1) + 1;
                 pa_add_relaxed(&m->hdr->dc.gateway_deaths, 1);
                 d->gw_pending[g] = (uint32_t)inc | 0x80000000u;
             }
         } else if (owner == PRES_GW_DYING && !d->gw_pending[g]) {
-            d->gw_pending[g] = (uint32_t)pa_load(&e->died) | 0x80000000u;
+            d->gw_pending[g] = (uint32_t)pa_load(&e->ending) | 0x80000000u;
         }
-        if (d->gw_pending[g]) {
-            if (gateway_death(d, g, d->gw_pending[g] & 0x7fffffffu) == 0) {
-                d->gw_pending[g] = 0;
-                uint64_t exp = PRES_GW_DYING;
-                pa_cas(&e->owner, &exp, 0);
-            } else {
-                d->gw_dying = 1;     /* again next tick */
-            }
-        }
+        any |= d->gw_pending[g] != 0;
     }
+    if (any)
+        gateway_deaths_run(d);
 }
 
 /* ---- a client that is gone ---------------------------------------------------- */
@@ -285,7 +297,7 @@ static void gateways_pass(pd_t *d)
 /* Clear a reader slot: first claim it for ourselves (no client claims a
  * SWEEPING slot), so a slot freed and claimed again since we looked is
  * never wiped under its new reader. */
-static int rslot_sweep(pd_t *d, uint32_t i, uint64_t o)
+static int rslot_sweep(pd_t *d, uint32_t i, uint64_t o, int keep)
 {
     pres_map_t *m = &d->m;
     pres_rslot_t *s = &m->rslots[i];
@@ -293,21 +305,94 @@ static int rslot_sweep(pd_t *d, uint32_t i, uint64_t o)
         return 0;
     pres__counters_fold(m, s->counters);
     pa_store(&s->epoch, 0);
-    pa_store_release(&s->owner, 0);
+    /* keep: stay SWEEPING (unclaimable) until the caller has dropped the
+     * latches that name this slot, so no new thread writes under the same
+     * latch value meanwhile. */
+    if (!keep)
+        pa_store_release(&s->owner, 0);
     return 1;
 }
 
-static void client_dead_records(pd_t *d, uint32_t client, uint64_t token, const uint8_t *slots)
+static int gone_has(const pd_gone_t *g, size_t n, uint32_t client, uint64_t token)
+{
+    for (size_t k = 0; k < n; k++)
+        if (g[k].client == client || g[k].token == token)
+            return 1;
+    return 0;
+}
+
+/* Records the dead took from a ring and never claimed: positions up to the
+ * consumer cursor, and the slot at the cursor itself (a taker killed
+ * between its two CASes). */
+static void dead_ring_records(pd_t *d, const pd_gone_t *g, size_t n, int users)
 {
     pres_map_t *m = &d->m;
-    /* Latches its threads held, and records it was connecting. */
+    uint64_t *ring = users ? m->user_ring : m->dev_ring;
+    uint64_t size = (users ? m->user_rmask : m->dev_rmask) + 1;
+    unsigned shift = users ? m->user_rshift : m->dev_rshift;
+    uint64_t *cons = users ? &m->hdr->user_cons : &m->hdr->dev_cons;
+    uint64_t prod = pa_load(users ? &m->hdr->user_prod : &m->hdr->dev_prod);
+    uint64_t *offered = users ? d->user_offered : d->dev_offered;
+    uint32_t cap = users ? m->user_cap : m->dev_cap;
+    uint64_t c = pa_load_acquire(cons);
+    uint64_t from = users ? d->user_rc : d->dev_rc;
+    if (c - from > size)
+        from = c - size;
+    for (uint64_t p = from; p <= c && p < prod; p++) {
+        uint64_t s = pa_load_acquire(&ring[p & (size - 1)]);
+        uint32_t i = PRES_RING_IDX(s), o = PRES_RING_OWNER1(s);
+        if (PRES_RING_LAP(s) != ((p >> shift) & 0xffffffu) || !o || i >= cap ||
+            offered[i] != p || !gone_has(g, n, o - 1, UINT64_MAX))
+            continue;
+        if (pa_load(users ? &m->users[i].alloc : &m->devs[i].alloc) != PRES_ALLOC_FREE)
+            continue;
+        pool_back(d, users, i);
+        if (p == c) {
+            uint64_t exp = c;
+            pa_cas(cons, &exp, c + 1);       /* as any consumer would */
+        }
+    }
+    for (size_t k = 0; k < d->claims_n; k++) {
+        pd_claim_t *cl = &d->claims[k];
+        uint64_t *alloc = cl->users ? &m->users[cl->idx].alloc : &m->devs[cl->idx].alloc;
+        uint64_t *off = cl->users ? d->user_offered : d->dev_offered;
+        if ((int)cl->users == users && gone_has(g, n, cl->client, UINT64_MAX) &&
+            off[cl->idx] == cl->pos && pa_load(alloc) == PRES_ALLOC_FREE)
+            pool_back(d, users, cl->idx);
+    }
+}
+
+/* Clients that closed their handle (dead == 0) or died (dead == 1).  A
+ * clean close left nothing behind but what its token names; a death may
+ * have left anything its client index names, repaired here, before the
+ * index is given to another process. */
+static void client_gone(pd_t *d, const pd_gone_t *g, size_t n, int dead)
+{
+    pres_map_t *m = &d->m;
+    uint8_t slots[PRES_READER_SLOTS];
+    d->gw_check = 1;
+    memset(slots, 0, sizeof slots);
+    /* Their reader slots first: grace periods stop waiting for them now,
+     * before the longer repairs below. */
+    for (uint32_t i = 0; i < PRES_READER_SLOTS; i++) {
+        uint64_t o = pa_load_acquire(&m->rslots[i].owner);
+        if (o && o != PRES_RS_SWEEPING &&
+            gone_has(g, n, UINT32_MAX, o & ~UINT64_C(0xffffffff)))
+            slots[i] = (uint8_t)rslot_sweep(d, i, o, dead);
+    }
+    if (!dead)
+        return;
+    /* One scan of the records for all of them: latches their threads held
+     * (their slots are swept, so no live thread holds those values now),
+     * and records they were connecting. */
     for (uint32_t i = 0; i < m->dev_cap; i++) {
         pres_dev_t *r = &m->devs[i];
         uint64_t L = pa_load_acquire(&r->live);
         for (;;) {
             unsigned holder = PRES_LIVE_LATCH(L), st = PRES_LIVE_STATE(L);
             int mine = holder && holder <= PRES_READER_SLOTS && slots[holder - 1];
-            int orphan = st == PRES_DS_PENDING && holder == 0 && pa_load(&r->alloc) == token;
+            int orphan = st == PRES_DS_PENDING && holder == 0 &&
+                         gone_has(g, n, UINT32_MAX, pa_load(&r->alloc));
             if (!mine && !orphan)
                 break;
             uint64_t want = L & ~LIVE_LATCH_MASK;
@@ -317,70 +402,27 @@ static void client_dead_records(pd_t *d, uint32_t client, uint64_t token, const 
                 break;
         }
     }
-    /* Gateway entries it left half-filled. */
-    for (uint32_t g = 0; g < m->gw_cap; g++) {
-        pres_gw_t *e = &m->gws[g];
-        uint64_t s = pa_load_acquire(&e->state);
-        if ((s & 0xff) == PRES_GW_FILLING && ((s >> 8) & 0xffffffu) == client + 1) {
-            e->keylen = 0;
-            pa_store_release(&e->state, PRES_GW_READY);
+    /* Gateway entries they left half-filled. */
+    for (uint32_t e = 0; e < m->gw_cap; e++) {
+        pres_gw_t *gw = &m->gws[e];
+        uint64_t s = pa_load_acquire(&gw->state);
+        uint32_t filler = (uint32_t)((s >> 8) & 0xffffffu);
+        if ((s & 0xff) == PRES_GW_FILLING && filler && gone_has(g, n, filler - 1, UINT64_MAX)) {
+            gw->keylen = 0;          /* a tombstone no key matches */
+            pa_store_release(&gw->state, PRES_GW_READY);
         }
-    }
-    /* Records it took from a ring and never claimed. */
-    for (int users = 0; users < 2; users++) {
-        uint64_t *ring = users ? m->user_ring : m->dev_ring;
-        uint64_t size = (users ? m->user_rmask : m->dev_rmask) + 1;
-        unsigned shift = users ? m->user_rshift : m->dev_rshift;
-        uint64_t cons = pa_load_acquire(users ? &m->hdr->user_cons : &m->hdr->dev_cons);
-        uint64_t *offered = users ? d->user_offered : d->dev_offered;
-        uint32_t cap = users ? m->user_cap : m->dev_cap;
-        uint64_t from = users ? d->user_rc : d->dev_rc;
-        if (cons - from > size)
-            from = cons - size;
-        for (uint64_t p = from; p < cons; p++) {
-            uint64_t s = pa_load_acquire(&ring[p & (size - 1)]);
-            uint32_t i = PRES_RING_IDX(s);
-            if (PRES_RING_LAP(s) != ((p >> shift) & 0xffffffu) ||
-                PRES_RING_OWNER1(s) != client + 1 || i >= cap || offered[i] != p)
-                continue;
-            if (pa_load(users ? &m->users[i].alloc : &m->devs[i].alloc) == PRES_ALLOC_FREE)
-                pool_back(d, users, i);
-        }
-    }
-    for (size_t k = 0; k < d->claims_n; k++) {
-        pd_claim_t *c = &d->claims[k];
-        uint64_t *alloc = c->users ? &m->users[c->idx].alloc : &m->devs[c->idx].alloc;
-        uint64_t *offered = c->users ? d->user_offered : d->dev_offered;
-        if (c->client == client && offered[c->idx] == c->pos && pa_load(alloc) == PRES_ALLOC_FREE)
-            pool_back(d, (int)c->users, c->idx);
-    }
-}
-
-/* A client closed its handle (dead == 0) or died (dead == 1).  A clean close
- * left nothing behind but what its token names; a death may have left
- * anything its client index names, repaired here before the index is
- * given to another process. */
-static void client_gone(pd_t *d, uint32_t client, uint64_t token, int dead)
-{
-    pres_map_t *m = &d->m;
-    d->gw_check = 1;
-    uint8_t slots[PRES_READER_SLOTS];
-    memset(slots, 0, sizeof slots);
-    for (uint32_t i = 0; i < PRES_READER_SLOTS; i++) {
-        uint64_t o = pa_load_acquire(&m->rslots[i].owner);
-        if (o && o != PRES_RS_SWEEPING && (o & ~UINT64_C(0xffffffff)) == token)
-            slots[i] = 1;
-    }
-    if (dead) {
-        client_dead_records(d, client, token, slots);
-        d->sweep_soon = 1;
     }
     for (uint32_t i = 0; i < PRES_READER_SLOTS; i++)
         if (slots[i])
-            rslot_sweep(d, i, pa_load_acquire(&m->rslots[i].owner));
-    pres_client_t *c = &m->clients[client];
-    if (dead && (pa_load(&c->gen) & 0xffffu) == ((token >> 32) & 0xffffu))
-        pres__counters_fold(m, c->counters);
+            pa_store_release(&m->rslots[i].owner, 0);
+    dead_ring_records(d, g, n, 0);
+    dead_ring_records(d, g, n, 1);
+    for (size_t k = 0; k < n; k++) {
+        pres_client_t *c = &m->clients[g[k].client];
+        if ((pa_load(&c->gen) & 0xffffu) == ((g[k].token >> 32) & 0xffffu))
+            pres__counters_fold(m, c->counters);
+    }
+    d->sweep_soon = 1;
 }
 
 /* Reader slots whose client slot was freed or reused without them being
@@ -402,7 +444,7 @@ static void readers_sweep(pd_t *d)
         const pres_client_t *c = cl < PRES_CLIENTS ? &m->clients[cl] : NULL;
         if (c && pa_load(&c->pid) != 0 && (pa_load(&c->gen) & 0xffffu) == ((o >> 32) & 0xffffu))
             continue;
-        rslot_sweep(d, i, o);
+        rslot_sweep(d, i, o, 0);
     }
 }
 
@@ -726,8 +768,12 @@ static void table_sweep(pd_t *d)
     for (uint32_t u = 0; u < m->user_cap; u++) {
         pres_user_t *r = &m->users[u];
         uint64_t a = pa_load(&r->alloc);
-        if (a == PRES_ALLOC_FREE || a == PRES_ALLOC_POOLED || a == PRES_ALLOC_RETIRED ||
-            pd_token_live(d, a) || user_linked(m, u))
+        if (a == PRES_ALLOC_FREE || a == PRES_ALLOC_POOLED || a == PRES_ALLOC_RETIRED)
+            continue;
+        /* Retired by the daemon (only it writes RETIRED) but not yet
+         * freed, or taken by a client that is gone and never published. */
+        if ((pa_load(&r->dhead) != PRES_LINK_RETIRED && pd_token_live(d, a)) ||
+            user_linked(m, u))
             continue;
         /* Through a grace period: a previous daemon may have unlinked it
          * while readers stood on it. */
@@ -904,10 +950,10 @@ void pd_tick(pd_t *d)
         readers_sweep(d);
         d->gw_check = 1;
     }
-    /* Gateway owners change when clients close or die (the poll above), a
-     * death takes a few ticks when writers hold latches, and the slow
-     * check catches the rest. */
-    if (d->gw_check || d->gw_dying)
+    /* Gateway owners change when clients close or die (the poll above); a
+     * death whose records a writer holds latched is tried again five times
+     * a second; the slow check catches the rest. */
+    if (d->gw_check || (d->gw_dying && d->ticks % 10 == 0))
         gateways_pass(d);
     index_passes(d, nm, nw);
     /* The sweep reads every record: five times a second for a small

@@ -6,6 +6,7 @@
  * other code follows an offset, and the files themselves must be regular,
  * not world-writable, and owned by this user (or root).
  */
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -90,6 +91,38 @@ uint64_t pres__proc_start(int pid)
     return proc_stat(pid, &st);
 }
 
+/* A process whose first thread exited (pthread_exit) shows that thread as
+ * a zombie while its other threads run: alive while any task is not. */
+static int group_alive(int pid)
+{
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%d/task", pid);
+    DIR *dir = opendir(path);
+    if (!dir)
+        return 0;
+    int alive = 0;
+    struct dirent *e;
+    while (!alive && (e = readdir(dir)) != NULL) {
+        if (e->d_name[0] == '.')
+            continue;
+        char tpath[320], buf[512];
+        snprintf(tpath, sizeof tpath, "/proc/%d/task/%s/stat", pid, e->d_name);
+        int fd = open(tpath, O_RDONLY | O_CLOEXEC);
+        if (fd < 0)
+            continue;
+        ssize_t n = read(fd, buf, sizeof buf - 1);
+        close(fd);
+        if (n <= 0)
+            continue;
+        buf[n] = '\0';
+        char *p = strrchr(buf, ')');
+        if (p && p[1] == ' ' && p[2] != 'Z' && p[2] != 'X')
+            alive = 1;
+    }
+    closedir(dir);
+    return alive;
+}
+
 int pres__proc_state(int pid, uint64_t start)
 {
     char st = 0;
@@ -98,10 +131,12 @@ int pres__proc_state(int pid, uint64_t start)
     uint64_t s = proc_stat(pid, &st);
     if (s == 0)
         return 0;                        /* no such process */
-    if (st == 'Z' || st == 'X')
-        return 0;                        /* exited, not yet reaped */
     if (start != 0 && s != start)
         return 0;                        /* the pid was reused */
+    if (st == 'X')
+        return 0;
+    if (st == 'Z')
+        return group_alive(pid);         /* the leader exited; others may not */
     return st == 'T' || st == 't' ? 2 : 1;
 }
 

@@ -198,7 +198,8 @@ typedef struct {
                                 PRES_GW_DYING while the daemon ends its
                                 connections */
     uint64_t died;           /* incarnation: deaths handled by the daemon */
-    uint64_t spare;
+    uint64_t ending;         /* the incarnation whose connections the
+                                daemon is ending (owner DYING) */
     uint8_t  keylen;
     char     key[PRES_ID_MAX];
     uint64_t spare2[4];
