@@ -70,7 +70,9 @@ enum { PRES_RDONLY = 0, PRES_RDWR = 1 };
  * @return 0; -EINVAL bad name or flags; -ENOENT no store (no daemon has
  *         created it); -EPROTO files that are not an intact store of this
  *         version, or a store made on another clock; -EACCES permissions, or
- *         files owned by another user; -ENOMEM.
+ *         files owned by another user; -ENOSPC the store's 1023 client slots
+ *         are all attached; -EMFILE 64 handles already open in this
+ *         process; -ENOMEM.
  * Cost: a few system calls (open, fstat, mmap).  Any thread.
  */
 PRES_API int pres_open(pres_t **out, const char *name, int flags);

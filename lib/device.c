@@ -231,6 +231,14 @@ static int dev_read(const pres_map_t *m, const char *id, size_t len, uint64_t h,
         int i = pres__idx_dev_find(m, id, len, h);
         if (i < 0)
             return i;
+        /* The rest of the record and its user's record are independent
+         * misses: start them together rather than one after the other. */
+        const pres_dev_t *d = &m->devs[i];
+        uint32_t u = pa_load(&d->user);
+        __builtin_prefetch((const char *)d + 64);
+        __builtin_prefetch((const char *)d + 128);
+        if (u < m->user_cap)
+            __builtin_prefetch(&m->users[u]);
         int rc = pres__dev_snap(m, (uint32_t)i, s);
         if (rc == 0) {
             *idx = (uint32_t)i;
