@@ -442,3 +442,40 @@ int th_ctl(th_store_t *s, char *out, size_t cap, const char *const *args)
     uint64_t now = th_mono_ms();
     return th_wait_child(pid, now < deadline ? (int)(deadline - now) : 0);
 }
+
+/* ------------------------------------------------------------------------ */
+/* presencectl check under a deadline                                        */
+
+struct check_arg {
+    th_store_t *s;
+    int rc, runs, first_rc;
+    char *out;
+    size_t cap;
+    char first[1600];
+};
+
+static int check_passes(void *arg)
+{
+    struct check_arg *a = arg;
+    const char *args[] = { "check", NULL };
+    a->rc = th_ctl(a->s, a->out, a->cap, args);
+    if (a->runs++ == 0 && a->rc != 0) {
+        a->first_rc = a->rc;
+        snprintf(a->first, sizeof a->first, "%s", a->out);
+    }
+    return a->rc == 0;
+}
+
+int th_check_ok(th_store_t *s, const char *when)
+{
+    static char out[65536];
+    struct check_arg a = { s, -1, 0, 0, out, sizeof out, "" };
+    int ok = th_wait_until(check_passes, &a, 5000);
+    if (a.first_rc != 0)
+        fprintf(stderr, "presencectl check %s: first run exit %d, %s after %d "
+                "runs; first output:\n%.1500s\n", when, a.first_rc,
+                ok ? "passed" : "still failing", a.runs, a.first);
+    if (!ok)
+        th_store_dump_log(s);
+    return a.rc;
+}

@@ -60,6 +60,13 @@ void th_store_dump_log(const th_store_t *s);
  * cap).  Returns the exit status, or -1. */
 int  th_ctl(th_store_t *s, char *out, size_t cap, const char *const *args);
 
+/* Run `presencectl check` until it exits 0, under a deadline of 5 s: the
+ * daemon may still be finishing what dead clients left it.  A first run
+ * that failed is reported on stderr even when a later one passes; the
+ * daemon's log is printed when it never passes.  Returns the last exit
+ * status (0: intact). */
+int  th_check_ok(th_store_t *s, const char *when);
+
 /* Poll cond(arg) every millisecond or so until it returns non-zero or
  * timeout_ms passes.  Returns 1 when the condition held, 0 on timeout. */
 int  th_wait_until(int (*cond)(void *arg), void *arg, int timeout_ms);

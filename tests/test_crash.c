@@ -64,6 +64,9 @@ typedef struct {
 
 static cr_shared_t *C;
 static th_store_t   g_store;
+
+/* `presencectl check` passes (see th_check_ok). */
+#define check_ok(when) assert_int_equal(th_check_ok(&g_store, (when)), 0)
 static uint64_t     g_seed;
 static uint64_t     g_capacity;
 static pid_t        g_kids[16];
@@ -208,37 +211,6 @@ static pres_inspect_info_t info_of(pres_t *p)
     pres_inspect_info_t in;
     assert_int_equal(pres__inspect_info(p, &in), 0);
     return in;
-}
-
-struct check_arg { int rc, runs, first_rc; char *out; size_t cap; char first[1600]; };
-
-static int check_passes(void *arg)
-{
-    struct check_arg *a = arg;
-    const char *args[] = { "check", NULL };
-    a->rc = th_ctl(&g_store, a->out, a->cap, args);
-    if (a->runs++ == 0 && a->rc != 0) {
-        a->first_rc = a->rc;
-        snprintf(a->first, sizeof a->first, "%s", a->out);
-    }
-    return a->rc == 0;
-}
-
-/* `presencectl check` exits 0 -- once the daemon has finished what the
- * clients left it to do (polled, under a deadline).  A first run that
- * failed is reported even when a later one passes. */
-static void ctl_check_ok(const char *when)
-{
-    static char out[65536];
-    struct check_arg a = { -1, 0, 0, out, sizeof out, "" };
-    int ok = th_wait_until(check_passes, &a, 5000);
-    if (a.first_rc != 0)
-        fprintf(stderr, "presencectl check %s: first run exit %d, %s after %d "
-                "runs; first output:\n%.1500s\n", when, a.first_rc,
-                ok ? "passed" : "still failing", a.runs, a.first);
-    if (!ok)
-        th_store_dump_log(&g_store);
-    assert_int_equal(a.rc, 0);
 }
 
 static void report_children(void)
@@ -688,7 +660,7 @@ static void test_crash_random_kills(void **state)
     if (!swept)
         th_store_dump_log(&g_store);
     assert_true(swept);
-    ctl_check_ok("after the sweep");
+    check_ok("after the sweep");
     assert_true(st2.users <= NUSERS);
 
     /* Every client and reader slot of the dead comes back. */
@@ -718,7 +690,7 @@ static void test_crash_random_kills(void **state)
     /* stats.devices is the daemon's count, as of its last pass. */
     struct count_arg ca = { p, g_capacity };
     assert_true(th_wait_until(devices_are, &ca, 1000));
-    ctl_check_ok("with the store full");
+    check_ok("with the store full");
     pres_close(w);
     pres_close(p);
 
@@ -934,7 +906,7 @@ static void test_dead_reader_releases_grace_periods(void **state)
                 (unsigned long long)sa.now, (unsigned long long)slots0);
     assert_true(back);
     assert_int_equal(C->r[LOOP_SLOT].errors, 0);
-    ctl_check_ok("after the dead reader");
+    check_ok("after the dead reader");
     pres_close(p);
     pres_close(w);
 }
@@ -997,7 +969,7 @@ static void test_stopped_reader_is_not_dead(void **state)
     report_children();
     assert_int_equal(rc, 0);
     assert_int_equal(C->r[LOOP_SLOT].errors, 0);
-    ctl_check_ok("after the stopped reader");
+    check_ok("after the stopped reader");
     pres_close(p);
     pres_close(w);
 }

@@ -59,6 +59,9 @@ typedef struct {
 
 static mp_shared_t *S;          /* the shared page of the running test */
 static th_store_t   g_store;
+
+/* `presencectl check` passes (see th_check_ok). */
+#define check_ok(when) assert_int_equal(th_check_ok(&g_store, (when)), 0)
 static pid_t        g_kids[MP_MAXW + MP_MAXR];
 static int          g_nkids;
 
@@ -163,37 +166,6 @@ static pres_stats_t stats_now(void)
     assert_int_equal(pres_stats(p, &st), 0);
     pres_close(p);
     return st;
-}
-
-struct check_arg { int rc, runs, first_rc; char *out; size_t cap; char first[1600]; };
-
-static int check_passes(void *arg)
-{
-    struct check_arg *a = arg;
-    const char *args[] = { "check", NULL };
-    a->rc = th_ctl(&g_store, a->out, a->cap, args);
-    if (a->runs++ == 0 && a->rc != 0) {
-        a->first_rc = a->rc;
-        snprintf(a->first, sizeof a->first, "%s", a->out);
-    }
-    return a->rc == 0;
-}
-
-/* `presencectl check` exits 0 -- once the daemon has finished what the
- * clients left it to do (polled, under a deadline).  A first run that
- * failed is reported even when a later one passes. */
-static void ctl_check_ok(const char *when)
-{
-    static char out[65536];
-    struct check_arg a = { -1, 0, 0, out, sizeof out, "" };
-    int ok = th_wait_until(check_passes, &a, 5000);
-    if (a.first_rc != 0)
-        fprintf(stderr, "presencectl check %s: first run exit %d, %s after %d "
-                "runs; first output:\n%.1500s\n", when, a.first_rc,
-                ok ? "passed" : "still failing", a.runs, a.first);
-    if (!ok)
-        th_store_dump_log(&g_store);
-    assert_int_equal(a.rc, 0);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -601,7 +573,7 @@ static void test_concurrent_consistency(void **state)
     assert_int_equal(st2.gateway_deaths - st0.gateway_deaths, (uint64_t)mp_nw);
     pres_close(p);
 
-    ctl_check_ok("at the end");
+    check_ok("at the end");
 
     /* A few hundred devices in a store of 65536: it is never full, however
      * the records are managed (API.md: -ENOSPC means the store is full).
@@ -846,7 +818,7 @@ static void test_slot_reuse(void **state)
      * and nothing is left half-done. */
     assert_true(th_wait_until(store_empty, p, 5000));
     pres_close(p);
-    ctl_check_ok("at the end");
+    check_ok("at the end");
 }
 
 int main(void)

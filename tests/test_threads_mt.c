@@ -35,6 +35,9 @@
 #define MSG_LEN   256
 
 static th_store_t g_store;
+
+/* `presencectl check` passes (see th_check_ok). */
+#define check_ok(when) assert_int_equal(th_check_ok(&g_store, (when)), 0)
 static pres_t    *g_rw, *g_ro;
 static uint64_t   g_run_ms;
 static _Atomic int g_stop;
@@ -130,37 +133,6 @@ static int check(const pres_device_info_t *d, const char *want_dev,
         return -1;
     }
     return 0;
-}
-
-struct check_arg { int rc, runs, first_rc; char *out; size_t cap; char first[1600]; };
-
-static int check_passes(void *arg)
-{
-    struct check_arg *a = arg;
-    const char *args[] = { "check", NULL };
-    a->rc = th_ctl(&g_store, a->out, a->cap, args);
-    if (a->runs++ == 0 && a->rc != 0) {
-        a->first_rc = a->rc;
-        snprintf(a->first, sizeof a->first, "%s", a->out);
-    }
-    return a->rc == 0;
-}
-
-/* `presencectl check` exits 0 -- once the daemon has finished what the
- * clients left it to do (polled, under a deadline).  A first run that
- * failed is reported even when a later one passes. */
-static void ctl_check_ok(const char *when)
-{
-    static char out[65536];
-    struct check_arg a = { -1, 0, 0, out, sizeof out, "" };
-    int ok = th_wait_until(check_passes, &a, 5000);
-    if (a.first_rc != 0)
-        fprintf(stderr, "presencectl check %s: first run exit %d, %s after %d "
-                "runs; first output:\n%.1500s\n", when, a.first_rc,
-                ok ? "passed" : "still failing", a.runs, a.first);
-    if (!ok)
-        th_store_dump_log(&g_store);
-    assert_int_equal(a.rc, 0);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -455,7 +427,7 @@ static void test_threads_share_handles(void **state)
     pres_close(g_rw);
     pres_close(g_ro);
     g_rw = g_ro = NULL;
-    ctl_check_ok("at the end");
+    check_ok("at the end");
 }
 
 int main(void)
