@@ -417,11 +417,6 @@ static void client_gone(pd_t *d, const pd_gone_t *g, size_t n, int dead)
             pa_store_release(&m->rslots[i].owner, 0);
     dead_ring_records(d, g, n, 0);
     dead_ring_records(d, g, n, 1);
-    for (size_t k = 0; k < n; k++) {
-        pres_client_t *c = &m->clients[g[k].client];
-        if ((pa_load(&c->gen) & 0xffffu) == ((g[k].token >> 32) & 0xffffu))
-            pres__counters_fold(m, c->counters);
-    }
     d->sweep_soon = 1;
 }
 

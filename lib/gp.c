@@ -224,7 +224,6 @@ void pres__gp_client_release(pres_t *p)
         pa_cas(&m->gws[p->gws[i]].owner, &exp, PRES_GW_CLOSED);
     }
     pres_client_t *c = &m->clients[p->client];
-    pres__counters_fold(m, c->counters);
     pa_store(&c->ready, 0);
     pa_store(&c->gen, pa_load(&c->gen) + 1);
     pa_store_release(&c->pid, 0);

@@ -92,9 +92,6 @@ PRES_API int pres_stats(pres_t *p, pres_stats_t *out)
     uint64_t c[PRES_C_COUNT];
     for (int k = 0; k < PRES_C_COUNT; k++)
         c[k] = pa_load(&m->rhdr->folded[k]);
-    for (uint32_t i = 0; i < PRES_CLIENTS; i++)
-        for (int k = 0; k < PRES_C_COUNT; k++)
-            c[k] += pa_load(&m->clients[i].counters[k]);
     for (uint32_t i = 0; i < PRES_READER_SLOTS; i++) {
         if (!pa_load(&m->rslots[i].owner))
             continue;

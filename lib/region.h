@@ -12,7 +12,7 @@
  *                          stray write of a reader cannot damage a record.
  *   presence.NAME.readers  what every attached process must be able to write:
  *                          the grace-period epoch, client slots (pid, start
- *                          time, counters) and reader slots.
+ *                          time) and reader slots (epoch, counters).
  *   presence.NAME.lock     held (flock) by the one running daemon.
  *
  * The region holds offsets and indexes, never pointers (property 1).  See
@@ -244,9 +244,9 @@ typedef struct {
     uint64_t spare[5];
 } pres_dcounters_t;
 
-/* Counters a client keeps in its own client slot (no shared cache line on
- * the hot path); pres_stats adds them up with those folded in from clients
- * that have gone. */
+/* Counters each thread keeps in its own reader slot (no shared cache line
+ * on the hot path); pres_stats adds them up with those folded in from
+ * slots that were given back. */
 enum {
     PRES_C_CONNECTS = 0, PRES_C_DISCONNECTS, PRES_C_HEARTBEATS,
     PRES_C_LATE_HEARTBEATS, PRES_C_STALE_REPORTS,
@@ -305,8 +305,7 @@ typedef struct {
     uint64_t gen;            /* bumped when the slot is freed */
     uint64_t ready;          /* 1 once pid/start are filled */
     uint64_t flags;          /* PRES_CL_RDWR */
-    uint64_t counters[PRES_C_COUNT];
-    uint64_t spare[3];
+    uint64_t spare[11];
 } pres_client_t;
 #define PRES_CL_RDWR 1u
 _Static_assert(sizeof(pres_client_t) == 128, "client slot layout");
