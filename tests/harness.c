@@ -48,11 +48,33 @@ uint64_t th_mono_ms(void)
     return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
 }
 
-static void nap_ms(long ms)
+uint64_t th_now_ns(void)
 {
-    struct timespec ts = { ms / 1000, (ms % 1000) * 1000000L };
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+void th_nap_us(long us)
+{
+    struct timespec ts = { us / 1000000, (us % 1000000) * 1000L };
     while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
         ;
+}
+
+static void nap_ms(long ms)
+{
+    th_nap_us(ms * 1000);
+}
+
+uint64_t th_rand(uint64_t *s)
+{
+    uint64_t x = *s;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    *s = x;
+    return x * UINT64_C(2685821657736338717);
 }
 
 int th_wait_until(int (*cond)(void *arg), void *arg, int timeout_ms)

@@ -71,8 +71,17 @@ int  th_check_ok(th_store_t *s, const char *when);
  * timeout_ms passes.  Returns 1 when the condition held, 0 on timeout. */
 int  th_wait_until(int (*cond)(void *arg), void *arg, int timeout_ms);
 
-/* Monotonic milliseconds. */
+/* Monotonic milliseconds and nanoseconds. */
 uint64_t th_mono_ms(void);
+uint64_t th_now_ns(void);
+
+/* Sleep this long (restarting after signals), to pace a load, never in
+ * place of a condition. */
+void th_nap_us(long us);
+
+/* xorshift64*: a deterministic pseudo-random stream from *state (not 0),
+ * reproducible from a printed seed. */
+uint64_t th_rand(uint64_t *state);
 
 /* Fork a child that runs fn(arg) and _exit()s with its return value. */
 pid_t th_fork(int (*fn)(void *arg), void *arg);

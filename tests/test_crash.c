@@ -74,35 +74,10 @@ static pid_t        g_kids[16];
 /* ------------------------------------------------------------------------ */
 /* Helpers                                                                   */
 
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
-static uint64_t rnd(uint64_t *s)
-{
-    /* xorshift64*: reproducible from the printed seed. */
-    uint64_t x = *s;
-    x ^= x >> 12;
-    x ^= x << 25;
-    x ^= x >> 27;
-    *s = x;
-    return x * UINT64_C(2685821657736338717);
-}
-
 static uint64_t mix(uint64_t a, uint64_t b)
 {
     uint64_t s = a ^ (b * UINT64_C(0x9e3779b97f4a7c15));
     return s ? s : 1;
-}
-
-static void nap_us(long us)
-{
-    struct timespec ts = { us / 1000000, (us % 1000000) * 1000L };
-    while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
-        ;
 }
 
 __attribute__((format(printf, 3, 4)))
@@ -306,7 +281,7 @@ static int cr_writer(void *arg)
             W_ERR("pres_open: %s", pres_strerror(rc));
         if (atomic_load(&C->stop))
             return 0;
-        nap_us(1000);
+        th_nap_us(1000);
     }
     char gw[32], dev[32], user[32], why[512];
     snprintf(gw, sizeof gw, "gw%llu", (unsigned long long)g);
@@ -329,7 +304,7 @@ static int cr_writer(void *arg)
             if (atomic_load_explicit(&C->stop, memory_order_relaxed))
                 break;
         }
-        uint64_t x = rnd(&seed);
+        uint64_t x = th_rand(&seed);
         unsigned i = (unsigned)(x % NDEV);
         unsigned op = (unsigned)((x >> 16) % 100);
         unsigned ri = nring ? (unsigned)((x >> 32) % nring) : 0;
@@ -391,7 +366,7 @@ static int cr_writer(void *arg)
 
 static void reader_done(int r)
 {
-    uint64_t t = now_ns();
+    uint64_t t = th_now_ns();
     uint64_t last = atomic_load_explicit(&C->r[r].last_done_ns, memory_order_relaxed);
     if (t > last && t - last > atomic_load_explicit(&C->r[r].max_gap_ns, memory_order_relaxed))
         atomic_store_explicit(&C->r[r].max_gap_ns, t - last, memory_order_relaxed);
@@ -411,14 +386,14 @@ static int cr_reader(void *arg)
             R_ERR(r, "pres_open: %s", pres_strerror(rc));
         if (atomic_load(&C->stop))
             return 0;
-        nap_us(1000);
+        th_nap_us(1000);
     }
     pres_device_info_t d, out[64];
     pres_stats_t st;
     char dev[32], user[32], why[512];
 
     while (!atomic_load_explicit(&C->stop, memory_order_relaxed)) {
-        uint64_t x = rnd(&seed);
+        uint64_t x = th_rand(&seed);
         unsigned op = (unsigned)(x % 100);
         if (op < 70) {
             snprintf(dev, sizeof dev, "d%04u", (unsigned)((x >> 8) % NDEV));
@@ -468,14 +443,14 @@ static pid_t start_reader(int r)
 {
     atomic_store(&C->r[r].progress, 0);
     atomic_store(&C->r[r].max_gap_ns, 0);
-    atomic_store(&C->r[r].last_done_ns, now_ns());
+    atomic_store(&C->r[r].last_done_ns, th_now_ns());
     return spawn_kid(cr_reader, (void *)(intptr_t)r);
 }
 
 /* The longest gap of reader slot r so far, including the current one. */
 static uint64_t reader_gap(int r)
 {
-    uint64_t t = now_ns();
+    uint64_t t = th_now_ns();
     uint64_t last = atomic_load(&C->r[r].last_done_ns);
     uint64_t cur = t > last ? t - last : 0;
     uint64_t mx = atomic_load(&C->r[r].max_gap_ns);
@@ -555,23 +530,23 @@ static void test_crash_random_kills(void **state)
 
     for (int r = 0; r < NREADERS; r++)
         rpid[r] = start_reader(r);
-    uint64_t t0 = now_ns();
+    uint64_t t0 = th_now_ns();
     for (int i = 0; i < NWRITERS; i++) {
         wpid[i] = spawn_kid(cr_writer, (void *)(uintptr_t)gen++);
-        wdeadline[i] = now_ns() + (rnd(&seed) % 21) * UINT64_C(1000000);
+        wdeadline[i] = th_now_ns() + (th_rand(&seed) % 21) * UINT64_C(1000000);
     }
     uint64_t end = t0 + (uint64_t)run_ms * UINT64_C(1000000);
     uint64_t next_rkill = t0 + reader_kill_ns;
     uint64_t next_info = t0;
 
-    for (uint64_t now = now_ns(); now < end; now = now_ns()) {
+    for (uint64_t now = th_now_ns(); now < end; now = th_now_ns()) {
         for (int i = 0; i < NWRITERS; i++) {
             if (now < wdeadline[i])
                 continue;
             kill_kid(wpid[i]);
             wkilled++;
             wpid[i] = spawn_kid(cr_writer, (void *)(uintptr_t)gen++);
-            wdeadline[i] = now_ns() + (rnd(&seed) % 21) * UINT64_C(1000000);
+            wdeadline[i] = th_now_ns() + (th_rand(&seed) % 21) * UINT64_C(1000000);
         }
         for (int r = 0; r < NREADERS; r++) {
             uint64_t gap = reader_gap(r);
@@ -597,9 +572,9 @@ static void test_crash_random_kills(void **state)
                 max_oldest = o;
             next_info = now + 10 * UINT64_C(1000000);
         }
-        nap_us(200);
+        th_nap_us(200);
     }
-    double secs = (double)(now_ns() - t0) / 1e9;
+    double secs = (double)(th_now_ns() - t0) / 1e9;
 
     atomic_store(&C->stop, 1);
     for (int i = 0; i < NWRITERS; i++) {
@@ -764,7 +739,7 @@ static pid_t loop_setup(pres_t **w, pres_t **p)
         snprintf(dev, sizeof dev, "loop%d", i);
         assert_int_equal(pres_connect(*w, "uloop", dev, "gwloop", 600000, NULL), 0);
     }
-    atomic_store(&C->r[LOOP_SLOT].last_done_ns, now_ns());
+    atomic_store(&C->r[LOOP_SLOT].last_done_ns, th_now_ns());
     return spawn_kid(loop_reader, NULL);
 }
 
@@ -790,16 +765,16 @@ static int stop_inside_section(pres_t *p, pid_t pid, uint64_t *seed, int tries)
         assert_int_equal(waitpid(pid, &st, WUNTRACED), pid);
         assert_true(WIFSTOPPED(st));
         /* The daemon publishes the age on its passes: give it a few. */
-        nap_us(150000);
+        th_nap_us(150000);
         uint64_t a1 = info_of(p).oldest_reader_ms;
         if (a1 >= 100) {
-            nap_us(100000);
+            th_nap_us(100000);
             uint64_t a2 = info_of(p).oldest_reader_ms;
             if (a2 >= a1 + 50)
                 return 1;
         }
         assert_int_equal(kill(pid, SIGCONT), 0);
-        nap_us((long)(rnd(seed) % 3000));
+        th_nap_us((long)(th_rand(seed) % 3000));
     }
     return 0;
 }
@@ -881,7 +856,7 @@ static void test_dead_reader_releases_grace_periods(void **state)
         int rc = pres_connect(w, "ufill", dev, "gwfill", 60000, NULL);
         if (rc == -ENOSPC && th_mono_ms() < deadline) {
             i--;
-            nap_us(1000);
+            th_nap_us(1000);
             continue;
         }
         if (rc != 0)
@@ -930,7 +905,7 @@ static void test_stopped_reader_is_not_dead(void **state)
         fail_msg("could not stop the reader inside a read section in 40 tries: "
                  "the store's oldest_reader_ms never grew while it was stopped");
     /* Whatever was already due has completed by now. */
-    nap_us(200000);
+    th_nap_us(200000);
     pres_stats_t st0 = stats_of(p);
 
     /* 1.5 s of work that needs grace periods -- longer than any dead
@@ -942,7 +917,7 @@ static void test_stopped_reader_is_not_dead(void **state)
         snprintf(dev, sizeof dev, "z%d", n++);
         assert_int_equal(pres_connect(w, "uz", dev, "gwz", 60000, NULL), 0);
         assert_int_equal(pres_disconnect(w, dev), 0);
-        nap_us(50000);   /* pacing the load, not waiting for a condition */
+        th_nap_us(50000);   /* pacing the load, not waiting for a condition */
     }
     pres_stats_t st1 = stats_of(p);
     uint64_t held = info_of(p).oldest_reader_ms;

@@ -65,31 +65,6 @@ static th_store_t   g_store;
 static pid_t        g_kids[MP_MAXW + MP_MAXR];
 static int          g_nkids;
 
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
-static uint64_t rnd(uint64_t *s)
-{
-    /* xorshift64*: deterministic per child, cheap, good enough for picks. */
-    uint64_t x = *s;
-    x ^= x >> 12;
-    x ^= x << 25;
-    x ^= x >> 27;
-    *s = x;
-    return x * UINT64_C(2685821657736338717);
-}
-
-static void nap_us(long us)
-{
-    struct timespec ts = { us / 1000000, (us % 1000000) * 1000L };
-    while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
-        ;
-}
-
 /* Record the first problem of a child in its message buffer, count all. */
 __attribute__((format(printf, 3, 4)))
 static void note(_Atomic int *set, char *msg, const char *fmt, ...)
@@ -276,7 +251,7 @@ static int mp_writer(void *arg)
     for (uint64_t it = 0; ; it++) {
         if ((it & 255) == 0 && th_mono_ms() >= deadline)
             break;
-        uint64_t x = rnd(&seed);
+        uint64_t x = th_rand(&seed);
         unsigned op = (unsigned)(x % 100);
         unsigned i = (unsigned)((x >> 8) % MP_PRIV);
         unsigned si = (unsigned)((x >> 8) % MP_SHARED);
@@ -373,7 +348,7 @@ static int mp_writer(void *arg)
 
 static void reader_time(int r, uint64_t t0)
 {
-    uint64_t d = now_ns() - t0;
+    uint64_t d = th_now_ns() - t0;
     if (d > atomic_load_explicit(&S->r[r].max_call_ns, memory_order_relaxed))
         atomic_store_explicit(&S->r[r].max_call_ns, d, memory_order_relaxed);
 }
@@ -393,7 +368,7 @@ static int mp_reader(void *arg)
     uint64_t calls = 0, hits = 0, routes = 0, rdevs = 0;
 
     while (!atomic_load_explicit(&S->stop, memory_order_relaxed)) {
-        uint64_t x = rnd(&seed);
+        uint64_t x = th_rand(&seed);
         int k = (int)(x % (uint64_t)mp_nw);
         if ((x >> 8) % 4 != 0) {
             int cls = -1;
@@ -403,7 +378,7 @@ static int mp_reader(void *arg)
             } else {
                 snprintf(dev, sizeof dev, "s_%u", (unsigned)((x >> 16) % MP_SHARED));
             }
-            uint64_t t0 = now_ns();
+            uint64_t t0 = th_now_ns();
             rc = pres_device(p, dev, &d);
             reader_time(r, t0);
             calls++;
@@ -417,7 +392,7 @@ static int mp_reader(void *arg)
         } else {
             snprintf(user, sizeof user, "u%d_%u", k, (unsigned)((x >> 16) % MP_USERS));
             size_t n = 0;
-            uint64_t t0 = now_ns();
+            uint64_t t0 = th_now_ns();
             rc = pres_route(p, user, out, 64, &n);
             reader_time(r, t0);
             calls++;
@@ -619,7 +594,7 @@ static int ch_writer(void *arg)
             /* Full: the daemon frees slots once evicted records' grace
              * periods end.  Give it a moment and try again. */
             enospc++;
-            nap_us(500);
+            th_nap_us(500);
             continue;
         }
         if (rc != 0) {
@@ -640,7 +615,7 @@ static int ch_writer(void *arg)
         }
         /* Pace: about 5k connects a second, so that evictions (after
          * --retain-ms) keep up with most of them and slots get reused. */
-        nap_us(100);
+        th_nap_us(100);
     }
     for (; oldest < n; oldest++) {
         snprintf(dev, sizeof dev, "c%d_%llu", k, (unsigned long long)oldest);
@@ -672,7 +647,7 @@ static int ch_reader(void *arg)
     uint64_t calls = 0, hits = 0, rdevs = 0;
 
     while (!atomic_load_explicit(&S->stop, memory_order_relaxed)) {
-        uint64_t x = rnd(&seed);
+        uint64_t x = th_rand(&seed);
         int k = (int)(x % (uint64_t)ch_nw);
         uint64_t hi = atomic_load_explicit(&S->w[k].progress, memory_order_relaxed);
         uint64_t back = (x >> 8) % CH_LOOK;
@@ -681,7 +656,7 @@ static int ch_reader(void *arg)
         if ((x >> 20) % 8 != 0) {
             snprintf(dev, sizeof dev, "c%d_%llu", k, (unsigned long long)n);
             snprintf(user, sizeof user, "cu%d_%llu", k, (unsigned long long)(n % CH_USERS));
-            uint64_t t0 = now_ns();
+            uint64_t t0 = th_now_ns();
             rc = pres_device(p, dev, &d);
             reader_time(r, t0);
             calls++;
@@ -699,7 +674,7 @@ static int ch_reader(void *arg)
             unsigned m7 = (unsigned)((x >> 24) % CH_USERS);
             snprintf(user, sizeof user, "cu%d_%u", k, m7);
             size_t cnt = 0;
-            uint64_t t0 = now_ns();
+            uint64_t t0 = th_now_ns();
             rc = pres_route(p, user, out, 64, &cnt);
             reader_time(r, t0);
             calls++;

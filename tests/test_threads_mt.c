@@ -62,26 +62,9 @@ static void err(const char *fmt, ...)
     va_end(ap);
 }
 
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
-static uint64_t rnd(uint64_t *s)
-{
-    uint64_t x = *s;
-    x ^= x >> 12;
-    x ^= x << 25;
-    x ^= x >> 27;
-    *s = x;
-    return x * UINT64_C(2685821657736338717);
-}
-
 static void timed(uint64_t t0)
 {
-    uint64_t d = now_ns() - t0;
+    uint64_t d = th_now_ns() - t0;
     uint64_t cur = atomic_load_explicit(&g_max_read_ns, memory_order_relaxed);
     while (d > cur &&
            !atomic_compare_exchange_weak_explicit(&g_max_read_ns, &cur, d,
@@ -153,7 +136,7 @@ static void *writer(void *arg)
     snprintf(gw, sizeof gw, "tgw%d", k);
 
     while (!atomic_load_explicit(&g_stop, memory_order_relaxed)) {
-        uint64_t x = rnd(&seed);
+        uint64_t x = th_rand(&seed);
         unsigned op = (unsigned)(x % 100);
         unsigned i = (unsigned)((x >> 8) % PRIV);
         unsigned si = (unsigned)((x >> 8) % SHARED);
@@ -247,7 +230,7 @@ static void *reader(void *arg)
     int rc;
 
     while (!atomic_load_explicit(&g_stop, memory_order_relaxed)) {
-        uint64_t x = rnd(&seed);
+        uint64_t x = th_rand(&seed);
         int k = (int)(x % NW);
         reads++;
         if ((x >> 8) % 4 != 0) {
@@ -258,7 +241,7 @@ static void *reader(void *arg)
             } else {
                 snprintf(dev, sizeof dev, "ts_%u", (unsigned)((x >> 16) % SHARED));
             }
-            uint64_t t0 = now_ns();
+            uint64_t t0 = th_now_ns();
             rc = pres_device(g_ro, dev, &d);
             timed(t0);
             if (rc == 0) {
@@ -271,7 +254,7 @@ static void *reader(void *arg)
         } else {
             size_t n = 0;
             snprintf(user, sizeof user, "tu%d_%u", k, (unsigned)((x >> 16) % USERS));
-            uint64_t t0 = now_ns();
+            uint64_t t0 = th_now_ns();
             rc = pres_route(g_ro, user, out, 64, &n);
             timed(t0);
             if (rc != 0) {
@@ -318,7 +301,7 @@ static void *opener(void *arg)
             continue;
         }
         opens++;
-        snprintf(dev, sizeof dev, "ts_%u", (unsigned)(rnd(&seed) % SHARED));
+        snprintf(dev, sizeof dev, "ts_%u", (unsigned)(th_rand(&seed) % SHARED));
         rc = pres_device(p, dev, &d);
         if (rc == 0 && check(&d, dev, -1, why, sizeof why) != 0)
             err("opener read: %s", why);
