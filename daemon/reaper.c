@@ -504,133 +504,149 @@ static unsigned dev_examine(pd_t *d, uint32_t i, uint64_t nm, uint64_t nw)
     return st;
 }
 
+/* A chain to sweep: its head, how to reach a record's link and generation,
+ * which records to unlink and what to do with each one unlinked. */
+typedef struct {
+    uint64_t *head;
+    uint32_t  cap;
+    uint64_t *(*next_of)(pres_map_t *, uint32_t);
+    uint32_t  (*gen_of)(pres_map_t *, uint32_t);
+    int       (*remove)(pd_t *, uint32_t, void *ctx);
+    void      (*removed)(pd_t *, uint32_t, void *ctx);
+    void     *ctx;
+} pd_chain_t;
+
+static uint32_t dev_gen(pres_map_t *m, uint32_t j) { return pa_load(&m->devs[j].gen); }
+static uint32_t user_gen(pres_map_t *m, uint32_t j) { return pa_load(&m->users[j].gen); }
+
+/* Walk a chain once, unlinking the records `remove` picks: a head by CAS
+ * (clients insert there), an interior link by a release store (only the
+ * daemon writes those).  A removed record keeps its own link, so a reader
+ * standing on it walks on.  One walk per chain however many records go.
+ * Returns the records kept, or -1 when the chain is damaged or an unlink
+ * at the head did not go through (the next pass tries again). */
+static long chain_sweep(pd_t *d, const pd_chain_t *c)
+{
+    pres_map_t *m = &d->m;
+    uint64_t *prev = c->head;
+    uint64_t l = pa_load_acquire(prev);
+    long kept = 0;
+    for (uint32_t steps = 0; !PRES_LINK_IS_NULLS(l); ) {
+        uint32_t i = PRES_LINK_IDX(l);
+        if (i >= c->cap || ++steps > c->cap || c->gen_of(m, i) != PRES_LINK_GEN(l))
+            return -1;
+        uint64_t nxt = pa_load_acquire(c->next_of(m, i));
+        if (!c->remove(d, i, c->ctx)) {
+            kept++;
+            prev = c->next_of(m, i);
+            l = nxt;
+            continue;
+        }
+        if (prev != c->head) {
+            pa_store_release(prev, nxt);
+            c->removed(d, i, c->ctx);
+            l = nxt;
+            continue;
+        }
+        if (unlink_from(c->head, i, PRES_LINK_GEN(l), c->cap, c->next_of, m) != 1)
+            return -1;
+        c->removed(d, i, c->ctx);
+        /* Nothing was kept before the head; it may have moved: walk on from
+         * what it is now. */
+        l = pa_load_acquire(c->head);
+        steps = 0;
+    }
+    return kept;
+}
+
+typedef struct {
+    uint64_t nm, nw;
+} pd_now_t;
+
+static int dev_hash_remove(pd_t *d, uint32_t i, void *ctx)
+{
+    const pd_now_t *t = ctx;
+    return dev_examine(d, i, t->nm, t->nw) == PRES_DS_DEAD;
+}
+
+static void dev_hash_removed(pd_t *d, uint32_t i, void *ctx)
+{
+    (void)ctx;
+    dev_maybe_retire(d, i, UNL_HASH);
+}
+
+static int dev_list_remove(pd_t *d, uint32_t i, void *ctx)
+{
+    (void)ctx;
+    return PRES_LIVE_STATE(pa_load_acquire(&d->m.devs[i].live)) == PRES_DS_DEAD;
+}
+
+static void dev_list_removed(pd_t *d, uint32_t i, void *ctx)
+{
+    (void)ctx;
+    dev_maybe_retire(d, i, UNL_USER);
+}
+
 static void dev_chain_pass(pd_t *d, uint64_t b, uint64_t nm, uint64_t nw)
 {
     pres_map_t *m = &d->m;
-    uint64_t *head = &m->dev_buckets[b];
-    uint64_t *prev = head;
-    uint64_t l = pa_load_acquire(prev);
-    for (uint32_t steps = 0; !PRES_LINK_IS_NULLS(l); ) {
-        uint32_t i = PRES_LINK_IDX(l);
-        if (i >= m->dev_cap || ++steps > m->dev_cap ||
-            pa_load(&m->devs[i].gen) != PRES_LINK_GEN(l)) {
-            pd_log(LOG_WARN, "device bucket %llu is damaged", (unsigned long long)b);
-            return;
-        }
-        uint64_t nxt = pa_load_acquire(&m->devs[i].next);
-        if (dev_examine(d, i, nm, nw) == PRES_DS_DEAD) {
-            int rc = prev == head ? unlink_from(head, i, PRES_LINK_GEN(l), m->dev_cap, dev_next, m)
-                                  : (pa_store_release(prev, nxt), 1);
-            if (rc != 1)
-                return;              /* damaged or contended: next pass */
-            dev_maybe_retire(d, i, UNL_HASH);
-            if (prev == head) {
-                /* The head may have moved: walk on from what it is now. */
-                prev = head;
-                l = pa_load_acquire(prev);
-                steps = 0;
-                continue;
-            }
-            l = nxt;
-            continue;
-        }
-        prev = &m->devs[i].next;
-        l = nxt;
-    }
+    pd_now_t now = { nm, nw };
+    pd_chain_t c = { &m->dev_buckets[b], m->dev_cap, dev_next, dev_gen,
+                     dev_hash_remove, dev_hash_removed, &now };
+    if (chain_sweep(d, &c) < 0)
+        pd_log(LOG_DEBUG, "device bucket %llu: damaged or contended, again next pass",
+               (unsigned long long)b);
 }
 
-/* A user's device list: unlink the DEAD.  Returns the devices left. */
-static uint32_t user_list_pass(pd_t *d, uint32_t u)
+/* Sweep a user's device list of its DEAD devices, then decide on the user:
+ * one without devices (and without a privacy policy to keep) is retired
+ * when found empty on two passes in a row, since a connect links its
+ * device within microseconds of creating the user. */
+static int user_remove(pd_t *d, uint32_t u, void *ctx)
 {
+    (void)ctx;
     pres_map_t *m = &d->m;
-    uint64_t *head = &m->users[u].dhead;
-    uint64_t *prev = head;
-    uint64_t l = pa_load_acquire(prev);
-    uint32_t n = 0;
-    if (l == PRES_LINK_RETIRED)
+    pres_user_t *r = &m->users[u];
+    uint64_t dh = pa_load_acquire(&r->dhead);
+    if (dh == PRES_LINK_RETIRED)
+        return 1;
+    pd_chain_t c = { &r->dhead, m->dev_cap, dev_unext, dev_gen,
+                     dev_list_remove, dev_list_removed, NULL };
+    long n = chain_sweep(d, &c);
+    dh = pa_load_acquire(&r->dhead);
+    if (n != 0 || dh != PRES_LINK_NULLS(u) || pa_load(&r->privacy) != 0) {
+        d->user_empty[u] = 0;
         return 0;
-    for (uint32_t steps = 0; !PRES_LINK_IS_NULLS(l); ) {
-        uint32_t i = PRES_LINK_IDX(l);
-        if (i >= m->dev_cap || ++steps > m->dev_cap ||
-            pa_load(&m->devs[i].gen) != PRES_LINK_GEN(l)) {
-            pd_log(LOG_WARN, "device list of user record %u is damaged", u);
-            return 1;
-        }
-        uint64_t nxt = pa_load_acquire(&m->devs[i].unext);
-        if (PRES_LIVE_STATE(pa_load_acquire(&m->devs[i].live)) == PRES_DS_DEAD) {
-            int rc = prev == head ? unlink_from(head, i, PRES_LINK_GEN(l), m->dev_cap, dev_unext, m)
-                                  : (pa_store_release(prev, nxt), 1);
-            if (rc != 1)
-                return n + 1;
-            dev_maybe_retire(d, i, UNL_USER);
-            if (prev == head) {
-                l = pa_load_acquire(prev);
-                steps = 0;
-                continue;
-            }
-            l = nxt;
-            continue;
-        }
-        n++;
-        prev = &m->devs[i].unext;
-        l = nxt;
     }
-    return n;
+    if (!d->user_empty[u]) {
+        d->user_empty[u] = 1;
+        return 0;
+    }
+    if (!pa_cas(&r->dhead, &dh, PRES_LINK_RETIRED))
+        return 0;                    /* a device was linked meanwhile */
+    pa_add_relaxed(&m->hdr->dc.users_gone, 1);
+    return 1;
+}
+
+static void user_removed(pd_t *d, uint32_t u, void *ctx)
+{
+    (void)ctx;
+    d->user_empty[u] = 0;
+    pa_store(&d->m.users[u].alloc, PRES_ALLOC_RETIRED);
+    retire(d, u, 1);
 }
 
 static void user_chain_pass(pd_t *d, uint64_t b)
 {
     pres_map_t *m = &d->m;
-    uint64_t *head = &m->user_buckets[b];
-    uint64_t *prev = head;
-    uint64_t l = pa_load_acquire(prev);
-    for (uint32_t steps = 0; !PRES_LINK_IS_NULLS(l); ) {
-        uint32_t u = PRES_LINK_IDX(l);
-        if (u >= m->user_cap || ++steps > m->user_cap ||
-            pa_load(&m->users[u].gen) != PRES_LINK_GEN(l)) {
-            pd_log(LOG_WARN, "user bucket %llu is damaged", (unsigned long long)b);
-            return;
-        }
-        pres_user_t *r = &m->users[u];
-        uint64_t nxt = pa_load_acquire(&r->next);
-        uint32_t n = user_list_pass(d, u);
-        uint64_t dh = pa_load_acquire(&r->dhead);
-        int retire_it = dh == PRES_LINK_RETIRED;
-        /* A user without devices (and without a privacy policy to keep) is
-         * retired when found empty on two passes in a row: a connect links
-         * its device within microseconds of creating the user. */
-        if (!retire_it && n == 0 && dh == PRES_LINK_NULLS(u) && pa_load(&r->privacy) == 0) {
-            if (d->user_empty[u]) {
-                uint64_t exp = dh;
-                retire_it = pa_cas(&r->dhead, &exp, PRES_LINK_RETIRED);
-                if (retire_it)
-                    pa_add_relaxed(&m->hdr->dc.users_gone, 1);
-            } else {
-                d->user_empty[u] = 1;
-            }
-        } else if (!retire_it) {
-            d->user_empty[u] = 0;
-        }
-        if (retire_it) {
-            int rc = prev == head ? unlink_from(head, u, PRES_LINK_GEN(l), m->user_cap, user_next, m)
-                                  : (pa_store_release(prev, nxt), 1);
-            if (rc != 1)
-                return;
-            d->user_empty[u] = 0;
-            pa_store(&r->alloc, PRES_ALLOC_RETIRED);
-            retire(d, u, 1);
-            if (prev == head) {
-                l = pa_load_acquire(prev);
-                steps = 0;
-                continue;
-            }
-            l = nxt;
-            continue;
-        }
-        d->pass_users++;
-        prev = &r->next;
-        l = nxt;
-    }
+    pd_chain_t c = { &m->user_buckets[b], m->user_cap, user_next, user_gen,
+                     user_remove, user_removed, NULL };
+    long kept = chain_sweep(d, &c);
+    if (kept < 0)
+        pd_log(LOG_DEBUG, "user bucket %llu: damaged or contended, again next pass",
+               (unsigned long long)b);
+    else
+        d->pass_users += (uint64_t)kept;
 }
 
 /* pres_stats counts devices and users from counters clients bump right

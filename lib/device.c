@@ -508,11 +508,15 @@ static int heartbeat_at(pres_t *p, pres_rs_t *t, uint32_t i, int64_t ref_cid, ui
     }
 }
 
-PRES_API int pres_heartbeat(pres_t *p, const char *device_id, uint32_t ttl_ms)
+/* An operation on the current record of a device named by id: look it up
+ * and apply op, looking again while the record found is being replaced. */
+typedef int (*dev_op_t)(pres_t *p, pres_rs_t *t, uint32_t i, uint32_t arg);
+
+static inline int by_id(pres_t *p, const char *device_id, dev_op_t op, uint32_t arg)
 {
     size_t len;
     int rc;
-    if ((rc = pres__id_check(device_id, &len)) < 0 || (rc = ttl_check(ttl_ms)) < 0)
+    if ((rc = pres__id_check(device_id, &len)) < 0)
         return rc;
     pres_rs_t *t = enter_rw(p, &rc);
     if (!t)
@@ -521,10 +525,21 @@ PRES_API int pres_heartbeat(pres_t *p, const char *device_id, uint32_t ttl_ms)
     rc = -EAGAIN;
     for (int tries = 0; tries < 16 && rc == -EAGAIN; tries++) {
         int i = pres__idx_dev_find(&p->m, device_id, len, h);
-        rc = i < 0 ? i : heartbeat_at(p, t, (uint32_t)i, -1, ttl_ms);
+        rc = i < 0 ? i : op(p, t, (uint32_t)i, arg);
     }
     pres__gp_leave(t);
     return rc == -EAGAIN ? -EBUSY : rc;
+}
+
+static int heartbeat_op(pres_t *p, pres_rs_t *t, uint32_t i, uint32_t ttl)
+{
+    return heartbeat_at(p, t, i, -1, ttl);
+}
+
+PRES_API int pres_heartbeat(pres_t *p, const char *device_id, uint32_t ttl_ms)
+{
+    int rc = ttl_check(ttl_ms);
+    return rc < 0 ? rc : by_id(p, device_id, heartbeat_op, ttl_ms);
 }
 
 static int ref_decode(const pres_t *p, pres_ref_t ref, uint32_t *idx, int64_t *cid)
@@ -591,23 +606,15 @@ static int disconnect_at(pres_t *p, pres_rs_t *t, uint32_t i, int64_t ref_cid)
     return 0;
 }
 
+static int disconnect_op(pres_t *p, pres_rs_t *t, uint32_t i, uint32_t unused)
+{
+    (void)unused;
+    return disconnect_at(p, t, i, -1);
+}
+
 PRES_API int pres_disconnect(pres_t *p, const char *device_id)
 {
-    size_t len;
-    int rc;
-    if ((rc = pres__id_check(device_id, &len)) < 0)
-        return rc;
-    pres_rs_t *t = enter_rw(p, &rc);
-    if (!t)
-        return rc;
-    uint64_t h = pres__hash(device_id, len, p->m.seed);
-    rc = -EAGAIN;
-    for (int tries = 0; tries < 16 && rc == -EAGAIN; tries++) {
-        int i = pres__idx_dev_find(&p->m, device_id, len, h);
-        rc = i < 0 ? i : disconnect_at(p, t, (uint32_t)i, -1);
-    }
-    pres__gp_leave(t);
-    return rc == -EAGAIN ? -EBUSY : rc;
+    return by_id(p, device_id, disconnect_op, 0);
 }
 
 PRES_API int pres_disconnect_ref(pres_t *p, pres_ref_t ref)
