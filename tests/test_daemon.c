@@ -377,6 +377,36 @@ static void test_config_file(void **state)
     pres_close(p);
 }
 
+/* SIGHUP reloads what can change on a running store: with idle-after-ms
+ * at ten minutes a device stays active; rewritten to 100 ms and reloaded,
+ * the same device, untouched, turns idle. */
+static void test_sighup_reloads(void **state)
+{
+    (void)state;
+    const char *tmp = getenv("TMPDIR");
+    snprintf(cfg_path, sizeof cfg_path, "%s/prescfg.XXXXXX", tmp && *tmp ? tmp : "/tmp");
+    int fd = mkstemp(cfg_path);
+    assert_true(fd >= 0);
+    static const char before[] = "idle-after-ms = 600000\n";
+    assert_int_equal(write(fd, before, sizeof before - 1), (ssize_t)(sizeof before - 1));
+    close(fd);
+    const char *args[] = { "--config", cfg_path, NULL };
+    start(args);
+    pres_t *p = open_h(PRES_RDWR);
+    assert_rc(pres_connect(p, "hup_u", "hup_d", "hup_gw", LONG_TTL, NULL), 0);
+    struct idle_arg ia = { p, "hup_d" };
+    assert_false(th_wait_until(went_idle, &ia, 300));
+
+    FILE *f = fopen(cfg_path, "w");
+    assert_non_null(f);
+    fputs("idle-after-ms = 100   # reloaded\n", f);
+    fclose(f);
+    assert_int_equal(kill(S.pid, SIGHUP), 0);
+    assert_true(th_wait_until(went_idle, &ia, WAIT_MS));
+    assert_true(daemon_alive());
+    pres_close(p);
+}
+
 /* ------------------------------------------------------------------------ */
 /* Shutdown and restart                                                      */
 
@@ -749,6 +779,7 @@ int main(void)
         T(test_second_daemon_refused),
         T(test_bad_usage),
         T(test_config_file),
+        T(test_sighup_reloads),
         T(test_sigterm_leaves_store_usable),
         T(test_restart_adopts_region),
         T(test_gateway_death_sigkill),

@@ -198,6 +198,78 @@ static void test_full_store(void **state)
     pres_close(p);
 }
 
+/* A child that claims a reader slot, reports its index, and stops. */
+static int latch_child(int wfd)
+{
+    pres_t *c;
+    if (pres_open(&c, NAME, PRES_RDWR) != 0)
+        return 1;
+    pres_device_info_t info;
+    (void)pres_device(c, "nosuch", &info);      /* claims this thread's slot */
+    uint32_t idx = pres__tls_rs[0].index;
+    if (write(wfd, &idx, sizeof idx) != (ssize_t)sizeof idx)
+        return 2;
+    raise(SIGSTOP);
+    for (;;)
+        pause();
+}
+
+static void latch_as(pres_t *p, const char *id, uint32_t slot)
+{
+    int i = pres__idx_dev_find(&p->m, id, strlen(id),
+                               pres__hash(id, strlen(id), p->m.seed));
+    assert_true(i >= 0);
+    uint64_t *live = &p->m.devs[i].live;
+    *live = (*live & ~(~(uint64_t)0 << 50)) | ((uint64_t)(slot + 1) << 50);
+}
+
+/* The latch protocol with another writer in the middle of a change: a
+ * stopped holder is alive (writes that need the latch answer -EBUSY, a
+ * connect supersedes the record, an on-time heartbeat and every read go
+ * on); a dead holder's latch is taken over. */
+static void test_latch_holder_stopped_then_dead(void **state)
+{
+    (void)state;
+    pres_t *p;
+    assert_int_equal(pres_open(&p, NAME, PRES_RDWR), 0);
+    assert_int_equal(pres_connect(p, "u", "dev", "g1", 60000, NULL), 0);
+    int fds[2];
+    assert_int_equal(pipe(fds), 0);
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0)
+        _exit(latch_child(fds[1]));
+    uint32_t slot;
+    assert_int_equal(read(fds[0], &slot, sizeof slot), (ssize_t)sizeof slot);
+    int st;
+    assert_int_equal(waitpid(pid, &st, WUNTRACED), pid);
+    assert_true(WIFSTOPPED(st));
+
+    latch_as(p, "dev", slot);
+    assert_int_equal(pres_disconnect(p, "dev"), -EBUSY);
+    assert_int_equal(pres_heartbeat(p, "dev", 50000), -EBUSY);   /* a new TTL */
+    assert_int_equal(pres_heartbeat(p, "dev", 60000), 0);        /* on time */
+    pres_device_info_t info;
+    assert_int_equal(pres_device(p, "dev", &info), 0);
+    assert_int_equal(info.connected, 1);
+    assert_string_equal(info.gateway_id, "g1");
+    /* A connect does not wait: a new record supersedes the latched one. */
+    assert_int_equal(pres_connect(p, "u", "dev", "g2", 60000, NULL), 0);
+    assert_int_equal(pres_device(p, "dev", &info), 0);
+    assert_string_equal(info.gateway_id, "g2");
+
+    latch_as(p, "dev", slot);
+    kill(pid, SIGKILL);
+    assert_int_equal(th_wait_child(pid, 10000), 128 + SIGKILL);
+    /* Dead now: the next writer takes the latch over. */
+    assert_int_equal(pres_disconnect(p, "dev"), 0);
+    assert_int_equal(pres_device(p, "dev", &info), 0);
+    assert_int_equal(info.connected, 0);
+    close(fds[0]);
+    close(fds[1]);
+    pres_close(p);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -206,6 +278,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_fork_child_has_own_slot, make_store, remove_store),
         cmocka_unit_test_setup_teardown(test_ring_takes_each_once, make_store, remove_store),
         cmocka_unit_test_setup_teardown(test_full_store, make_store, remove_store),
+        cmocka_unit_test_setup_teardown(test_latch_holder_stopped_then_dead, make_store,
+                                        remove_store),
     };
     return cmocka_run_group_tests_name("gp", tests, NULL, NULL);
 }
