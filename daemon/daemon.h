@@ -74,6 +74,7 @@ typedef struct {
     uint64_t       epoch_time[1024];      /* mono ms at which epoch e began */
     uint64_t       epoch_of[1024];
     uint64_t       last_tick_mono;
+    uint64_t       adopt_mono;            /* when this daemon took the store */
 } pd_t;
 
 void pd_log(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));

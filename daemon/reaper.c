@@ -845,8 +845,10 @@ static void grace_periods(pd_t *d, uint64_t nm)
     if (active) {
         if (d->epoch_of[min % 1024] == min)
             age = nm - d->epoch_time[min % 1024];
-        else
+        else if (d->epoch_of[(t + 1) % 1024])
             age = nm - d->epoch_time[(t + 1) % 1024];   /* older than we keep */
+        else
+            age = nm - d->adopt_mono;   /* entered before our first tick */
     }
     pa_store(&m->hdr->oldest_reader_ms, age);
 }
@@ -1050,6 +1052,7 @@ int pd_adopt(pd_t *d)
     if (!d->exp_seen || !d->unl || !d->dead_seen || !d->user_empty || !d->gw_pending ||
         !d->dev_offered || !d->user_offered)
         return -ENOMEM;
+    d->adopt_mono = pres__mono_ms();
     pres_client_t *me = &m->clients[PRES_DAEMON_CLIENT];
     pa_store(&me->pid, (uint64_t)getpid());
     pa_store(&me->start, pres__proc_start(getpid()));
