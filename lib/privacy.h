@@ -71,9 +71,10 @@ PRES_HIDDEN int pres__privacy_valid(int last_seen, int online, int approximate, 
 PRES_HIDDEN int pres__privacy_bucket(uint64_t t, uint64_t now_ms);
 /* The decision.  Pure: reads only its arguments (all non-NULL except
  * v->own) and writes every field of *out; any thread, no cost beyond a few
- * compares.  The target's flags count only when target->set; the viewer's
- * lists and contact bit only for a viewer that is neither the system nor
- * the target. */
+ * compares.  The target's policy fields, and v->in_allow / v->in_deny,
+ * count only when target->set (no policy, no lists); the viewer's lists,
+ * contact bit and own policy only for a viewer that is neither the system
+ * nor the target. */
 PRES_HIDDEN void pres__privacy_decide(const pres_pol_t *target, const pres_truth_t *truth,
                                       const pres_viewer_ctx_t *v, uint64_t now_ms,
                                       pres_view_out_t *out);
