@@ -31,7 +31,7 @@ typedef struct {
 
 typedef struct {
     uint32_t idx;
-    uint32_t users;              /* 1: a user record */
+    uint32_t kind;               /* enum pres_rkind */
     uint64_t epoch;              /* freed once every reader passed it */
 } pd_retired_t;
 
@@ -42,22 +42,34 @@ typedef struct {
 
 typedef struct {
     uint32_t idx;
-    uint32_t users;
+    uint32_t kind;
     uint64_t pos;                /* ring position it was taken at */
     uint32_t client;             /* the taker, and its slot's generation */
     uint64_t cgen;
 } pd_claim_t;
+
+/* A change note read from the ring (lib/notes.c). */
+typedef struct {
+    uint32_t kind;               /* PRES_NOTE_* */
+    uint32_t idx;
+} pd_note_t;
+
+/* Who must sweep every record because change notes were lost. */
+#define PD_RESYNC_MIRROR 1u
+#define PD_RESYNC_TIMERS 2u
+#define PD_RESYNC_ALL    (PD_RESYNC_MIRROR | PD_RESYNC_TIMERS)
 
 typedef struct {
     pd_config_t    cfg;
     pres_map_t     m;
     int            lock_fd;
     pd_client_t    cl[PRES_CLIENTS];
-    pd_stack_t     dev_pool, user_pool;
+    pd_stack_t     pool[PRES_RK_COUNT];   /* free records, by kind */
     pd_retired_t  *ret;
     size_t         ret_n, ret_cap;
-    uint64_t       dev_rc, user_rc;       /* ring positions reclaimed up to */
-    uint64_t      *dev_offered, *user_offered; /* ring position of the last offer */
+    uint64_t       rc[PRES_RK_COUNT];     /* ring positions reclaimed up to */
+    uint64_t      *offered[PRES_RK_COUNT]; /* ring position of each record's
+                                             last offer */
     pd_claim_t    *claims;                /* taken, not yet claimed, taker alive */
     size_t         claims_n, claims_cap;
     uint64_t      *exp_seen;              /* per device: last expiry counted */
@@ -75,6 +87,12 @@ typedef struct {
     uint64_t       epoch_of[1024];
     uint64_t       last_tick_mono;
     uint64_t       adopt_mono;            /* when this daemon took the store */
+    /* change notes read this tick (notes.c) */
+    pd_note_t     *nb;
+    size_t         nb_n, nb_cap;
+    uint64_t       note_tail;             /* next position to read */
+    uint64_t       note_wait;             /* unwritten position seen last tick */
+    unsigned       resync;                /* PD_RESYNC_*: sweeps owed */
 } pd_t;
 
 void pd_log(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -84,6 +102,10 @@ extern int pd_log_level;
 int  pd_adopt(pd_t *d);
 void pd_tick(pd_t *d);
 void pd_shutdown(pd_t *d);
+
+/* notes.c: read the notes written since the last call into d->nb; sets
+ * d->resync when some were lost. */
+void pd_notes_read(pd_t *d);
 
 /* liveness.c */
 void pd_clients_init(pd_t *d);

@@ -336,8 +336,10 @@ again:;
         gw <<= 1;
     pres_layout_params_t lp = {
         .dev_cap = d->cfg.capacity, .user_cap = d->cfg.users, .gw_cap = gw,
-        .exceptions = d->cfg.exceptions, .convs = d->cfg.capacity / 4 + 64,
-        .events = d->cfg.events, .changes = d->cfg.capacity,
+        /* typing records: a quarter of the devices typing at once */
+        .exceptions = d->cfg.exceptions, .typing = d->cfg.capacity / 4 + 64,
+        .events = d->cfg.events, .notes = d->cfg.capacity < 65536 ? 65536 : d->cfg.capacity,
+        .db_dir = d->cfg.db,
         .idle_after_ms = (uint32_t)d->cfg.idle_after_ms,
         .offline_grace_ms = (uint32_t)d->cfg.offline_grace_ms,
         .retain_ms = d->cfg.retain_ms,
@@ -415,6 +417,16 @@ int main(int argc, char **argv)
         fprintf(stderr, "presenced: cannot create --db %s: %s\n", d.cfg.db, strerror(errno));
         return 1;
     }
+    /* Clients find the mirror through the store's header, from any
+     * working directory. */
+    char absdb[PATH_MAX];
+    errno = 0;
+    if (!realpath(d.cfg.db, absdb) || strlen(absdb) >= sizeof d.m.hdr->db_dir) {
+        fprintf(stderr, "presenced: --db %s: %s\n", d.cfg.db,
+                errno ? strerror(errno) : "path too long");
+        return 1;
+    }
+    snprintf(d.cfg.db, sizeof d.cfg.db, "%s", absdb);
     if (take_lock(&d) < 0)
         return 1;
     if (open_store(&d) < 0)

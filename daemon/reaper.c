@@ -66,7 +66,7 @@ static void stack_push(pd_stack_t *s, uint32_t v)
     s->v[s->n++] = v;
 }
 
-static void retire(pd_t *d, uint32_t idx, int users)
+static void retire(pd_t *d, uint32_t idx, int kind)
 {
     if (d->ret_n == d->ret_cap) {
         size_t nc = d->ret_cap ? d->ret_cap * 2 : 1024;
@@ -78,15 +78,18 @@ static void retire(pd_t *d, uint32_t idx, int users)
         d->ret = a;
         d->ret_cap = nc;
     }
-    d->ret[d->ret_n++] = (pd_retired_t){ .idx = idx, .users = (uint32_t)users, .epoch = 0 };
+    d->ret[d->ret_n++] = (pd_retired_t){ .idx = idx, .kind = (uint32_t)kind, .epoch = 0 };
 }
 
-static void pool_back(pd_t *d, int users, uint32_t i)
+static void pool_back(pd_t *d, int kind, uint32_t i)
 {
-    pres_map_t *m = &d->m;
-    pa_store(users ? &m->users[i].alloc : &m->devs[i].alloc, PRES_ALLOC_POOLED);
-    stack_push(users ? &d->user_pool : &d->dev_pool, i);
+    pa_store(pres__alloc_word(&d->m, kind, i), PRES_ALLOC_POOLED);
+    stack_push(&d->pool[kind], i);
 }
+
+static const char *const kind_name[PRES_RK_COUNT] = {
+    "device", "user", "exception", "typing",
+};
 
 static int keylen_ok(uint8_t n)
 {
@@ -152,7 +155,7 @@ static void dev_maybe_retire(pd_t *d, uint32_t i, unsigned bit)
     if (d->unl[i] == (UNL_HASH | UNL_USER)) {
         d->unl[i] = 0;
         pa_store(&d->m.devs[i].alloc, PRES_ALLOC_RETIRED);
-        retire(d, i, 0);
+        retire(d, i, PRES_RK_DEV);
     }
 }
 
@@ -209,6 +212,7 @@ static int dev_end_by_death(pd_t *d, uint32_t i, uint32_t gw, uint32_t inc, uint
     if (was_connected)
         pa_add_relaxed(&m->hdr->dc.expirations, 1);
     d->exp_seen[i] = newexp;
+    pres__note(m, PRES_NOTE_DEV, i);
     return 0;
 }
 
@@ -324,18 +328,18 @@ static int gone_has(const pd_gone_t *g, size_t n, uint32_t client, uint64_t toke
 /* Records the dead took from a ring and never claimed: positions up to the
  * consumer cursor, and the slot at the cursor itself (a taker killed
  * between its two CASes). */
-static void dead_ring_records(pd_t *d, const pd_gone_t *g, size_t n, int users)
+static void dead_ring_records(pd_t *d, const pd_gone_t *g, size_t n, int kind)
 {
     pres_map_t *m = &d->m;
-    uint64_t *ring = users ? m->user_ring : m->dev_ring;
-    uint64_t size = (users ? m->user_rmask : m->dev_rmask) + 1;
-    unsigned shift = users ? m->user_rshift : m->dev_rshift;
-    uint64_t *cons = users ? &m->hdr->user_cons : &m->hdr->dev_cons;
-    uint64_t prod = pa_load(users ? &m->hdr->user_prod : &m->hdr->dev_prod);
-    uint64_t *offered = users ? d->user_offered : d->dev_offered;
-    uint32_t cap = users ? m->user_cap : m->dev_cap;
+    uint64_t *ring = m->ring[kind];
+    uint64_t size = m->rmask[kind] + 1;
+    unsigned shift = m->rshift[kind];
+    uint64_t *cons = &m->hdr->ring[kind].cons;
+    uint64_t prod = pa_load(&m->hdr->prod[kind]);
+    uint64_t *offered = d->offered[kind];
+    uint32_t cap = m->rcap[kind];
     uint64_t c = pa_load_acquire(cons);
-    uint64_t from = users ? d->user_rc : d->dev_rc;
+    uint64_t from = d->rc[kind];
     if (c - from > size)
         from = c - size;
     for (uint64_t p = from; p <= c && p < prod; p++) {
@@ -344,9 +348,9 @@ static void dead_ring_records(pd_t *d, const pd_gone_t *g, size_t n, int users)
         if (PRES_RING_LAP(s) != ((p >> shift) & 0xffffffu) || !o || i >= cap ||
             offered[i] != p || !gone_has(g, n, o - 1, UINT64_MAX))
             continue;
-        if (pa_load(users ? &m->users[i].alloc : &m->devs[i].alloc) != PRES_ALLOC_FREE)
+        if (pa_load(pres__alloc_word(m, kind, i)) != PRES_ALLOC_FREE)
             continue;
-        pool_back(d, users, i);
+        pool_back(d, kind, i);
         if (p == c) {
             uint64_t exp = c;
             pa_cas(cons, &exp, c + 1);       /* as any consumer would */
@@ -354,11 +358,10 @@ static void dead_ring_records(pd_t *d, const pd_gone_t *g, size_t n, int users)
     }
     for (size_t k = 0; k < d->claims_n; k++) {
         pd_claim_t *cl = &d->claims[k];
-        uint64_t *alloc = cl->users ? &m->users[cl->idx].alloc : &m->devs[cl->idx].alloc;
-        uint64_t *off = cl->users ? d->user_offered : d->dev_offered;
-        if ((int)cl->users == users && gone_has(g, n, cl->client, UINT64_MAX) &&
-            off[cl->idx] == cl->pos && pa_load(alloc) == PRES_ALLOC_FREE)
-            pool_back(d, users, cl->idx);
+        if ((int)cl->kind == kind && gone_has(g, n, cl->client, UINT64_MAX) &&
+            d->offered[kind][cl->idx] == cl->pos &&
+            pa_load(pres__alloc_word(m, kind, cl->idx)) == PRES_ALLOC_FREE)
+            pool_back(d, kind, cl->idx);
     }
 }
 
@@ -415,8 +418,8 @@ static void client_gone(pd_t *d, const pd_gone_t *g, size_t n, int dead)
     for (uint32_t i = 0; i < PRES_READER_SLOTS; i++)
         if (slots[i])
             pa_store_release(&m->rslots[i].owner, 0);
-    dead_ring_records(d, g, n, 0);
-    dead_ring_records(d, g, n, 1);
+    for (int k = 0; k < PRES_RK_COUNT; k++)
+        dead_ring_records(d, g, n, k);
     d->sweep_soon = 1;
 }
 
@@ -485,8 +488,18 @@ static unsigned dev_examine(pd_t *d, uint32_t i, uint64_t nm, uint64_t nw)
         } else {
             evict = nm > exp && nm - exp > d->cfg.retain_ms;
         }
-        /* The CAS fails if a client refreshed the record meanwhile. */
+        /* The CAS fails if a client refreshed the record meanwhile.  The
+         * user record keeps the latest last seen of its evicted devices. */
+        uint64_t seen = st == PRES_DS_DISCONNECTED
+                            ? pa_load(&r->conn[k].ended)
+                            : pres__wall_of(m, exp > pa_load(&r->ttl[k]) ? exp - pa_load(&r->ttl[k]) : 0);
         if (evict && pa_cas(&r->live, &L, (L & ~LIVE_STATE_MASK) | ((uint64_t)PRES_DS_DEAD << 40))) {
+            uint32_t u = pa_load(&r->user);
+            if (u < m->user_cap) {
+                uint64_t cur = pa_load(&m->users[u].last_seen);
+                while (cur < seen && !pa_cas(&m->users[u].last_seen, &cur, seen))
+                    ;
+            }
             pa_add_relaxed(&m->hdr->dc.evictions, 1);
             pa_add_relaxed(&m->hdr->dc.devices_gone, 1);
             return PRES_DS_DEAD;
@@ -633,7 +646,7 @@ static void user_removed(pd_t *d, uint32_t u, void *ctx)
     (void)ctx;
     d->user_empty[u] = 0;
     pa_store(&d->m.users[u].alloc, PRES_ALLOC_RETIRED);
-    retire(d, u, 1);
+    retire(d, u, PRES_RK_USER);
 }
 
 static void user_chain_pass(pd_t *d, uint64_t b)
@@ -789,7 +802,7 @@ static void table_sweep(pd_t *d)
         /* Through a grace period: a previous daemon may have unlinked it
          * while readers stood on it. */
         pa_store(&r->alloc, PRES_ALLOC_RETIRED);
-        retire(d, u, 1);
+        retire(d, u, PRES_RK_USER);
     }
 }
 
@@ -798,22 +811,32 @@ static void table_sweep(pd_t *d)
 static void free_record(pd_t *d, const pd_retired_t *e)
 {
     pres_map_t *m = &d->m;
-    if (e->users) {
-        pres_user_t *u = &m->users[e->idx];
-        uint32_t g = pa_load(&u->gen) + 1;
-        pa_store(&u->gen, g ? g : 1);
-    } else {
-        pres_dev_t *r = &m->devs[e->idx];
-        /* A new generation: links and pres_ref_t handles naming the old
-         * one no longer match. */
-        uint32_t g = pa_load(&r->gen) + 1;
-        pa_store(&r->gen, g ? g : 1);
-        pa_store(&r->live, 0);
+    /* A new generation: links and pres_ref_t handles naming the old one no
+     * longer match. */
+    uint32_t *gen = NULL;
+    switch (e->kind) {
+    case PRES_RK_USER:
+        gen = &m->users[e->idx].gen;
+        break;
+    case PRES_RK_DEV:
+        gen = &m->devs[e->idx].gen;
+        pa_store(&m->devs[e->idx].live, 0);
         d->exp_seen[e->idx] = 0;
         d->unl[e->idx] = 0;
         d->dead_seen[e->idx] = 0;
+        break;
+    case PRES_RK_TYP:
+        gen = &m->typs[e->idx].gen;
+        pa_store(&m->typs[e->idx].word, 0);
+        break;
+    default:
+        break;
     }
-    pool_back(d, (int)e->users, e->idx);
+    if (gen) {
+        uint32_t g = pa_load(gen) + 1;
+        pa_store(gen, g ? g : 1);
+    }
+    pool_back(d, (int)e->kind, e->idx);
 }
 
 static void grace_periods(pd_t *d, uint64_t nm)
@@ -855,7 +878,7 @@ static void grace_periods(pd_t *d, uint64_t nm)
 
 /* ---- rings ------------------------------------------------------------------------ */
 
-static void claim_add(pd_t *d, int users, uint32_t i, uint64_t pos, uint32_t client)
+static void claim_add(pd_t *d, int kind, uint32_t i, uint64_t pos, uint32_t client)
 {
     if (d->claims_n == d->claims_cap) {
         size_t nc = d->claims_cap ? d->claims_cap * 2 : 64;
@@ -866,7 +889,7 @@ static void claim_add(pd_t *d, int users, uint32_t i, uint64_t pos, uint32_t cli
         d->claims_cap = nc;
     }
     d->claims[d->claims_n++] = (pd_claim_t){
-        .idx = i, .users = (uint32_t)users, .pos = pos, .client = client,
+        .idx = i, .kind = (uint32_t)kind, .pos = pos, .client = client,
         .cgen = pa_load(&d->m.clients[client].gen),
     };
 }
@@ -879,13 +902,12 @@ static void claims_check(pd_t *d)
     size_t w = 0;
     for (size_t k = 0; k < d->claims_n; k++) {
         pd_claim_t *c = &d->claims[k];
-        uint64_t *alloc = c->users ? &m->users[c->idx].alloc : &m->devs[c->idx].alloc;
-        uint64_t *offered = c->users ? d->user_offered : d->dev_offered;
-        if (offered[c->idx] != c->pos || pa_load(alloc) != PRES_ALLOC_FREE)
+        if (d->offered[c->kind][c->idx] != c->pos ||
+            pa_load(pres__alloc_word(m, (int)c->kind, c->idx)) != PRES_ALLOC_FREE)
             continue;
         const pres_client_t *cs = &m->clients[c->client];
         if (pa_load(&cs->gen) != c->cgen || !pd_client_live(d, c->client)) {
-            pool_back(d, (int)c->users, c->idx);
+            pool_back(d, (int)c->kind, c->idx);
             continue;
         }
         d->claims[w++] = *c;
@@ -893,25 +915,25 @@ static void claims_check(pd_t *d)
     d->claims_n = w;
 }
 
-static void ring_service(pd_t *d, int users)
+static void ring_service(pd_t *d, int kind)
 {
     pres_map_t *m = &d->m;
     pres_hdr_t *h = m->hdr;
-    uint64_t *ring = users ? m->user_ring : m->dev_ring;
-    uint64_t size = (users ? m->user_rmask : m->dev_rmask) + 1;
-    unsigned shift = users ? m->user_rshift : m->dev_rshift;
-    uint64_t *rc = users ? &d->user_rc : &d->dev_rc;
-    uint64_t *offered = users ? d->user_offered : d->dev_offered;
-    pd_stack_t *pool = users ? &d->user_pool : &d->dev_pool;
-    uint32_t cap = users ? m->user_cap : m->dev_cap;
+    uint64_t *ring = m->ring[kind];
+    uint64_t size = m->rmask[kind] + 1;
+    unsigned shift = m->rshift[kind];
+    uint64_t *rc = &d->rc[kind];
+    uint64_t *offered = d->offered[kind];
+    pd_stack_t *pool = &d->pool[kind];
+    uint32_t cap = m->rcap[kind];
 
     /* Taken slots, in order.  The slot speaks of its record only if that
      * is where the record was last offered; the record is the taker's once
      * it claimed it (alloc set). */
-    uint64_t c = pa_load_acquire(users ? &h->user_cons : &h->dev_cons);
-    uint64_t p = pa_load(users ? &h->user_prod : &h->dev_prod);
+    uint64_t c = pa_load_acquire(&h->ring[kind].cons);
+    uint64_t p = pa_load(&h->prod[kind]);
     if (c > p || p - *rc > size) {
-        pd_log(LOG_ERR, "%s ring cursors are damaged", users ? "user" : "device");
+        pd_log(LOG_ERR, "%s ring cursors are damaged", kind_name[kind]);
         return;
     }
     while (*rc < c) {
@@ -919,12 +941,12 @@ static void ring_service(pd_t *d, int users)
         uint32_t i = PRES_RING_IDX(s);
         if (PRES_RING_LAP(s) == ((*rc >> shift) & 0xffffffu) && PRES_RING_OWNER1(s) &&
             i < cap && offered[i] == *rc &&
-            pa_load(users ? &m->users[i].alloc : &m->devs[i].alloc) == PRES_ALLOC_FREE) {
+            pa_load(pres__alloc_word(m, kind, i)) == PRES_ALLOC_FREE) {
             uint32_t taker = PRES_RING_OWNER1(s) - 1;
             if (taker < PRES_CLIENTS && pd_client_live(d, taker))
-                claim_add(d, users, i, *rc, taker);
+                claim_add(d, kind, i, *rc, taker);
             else
-                pool_back(d, users, i);
+                pool_back(d, kind, i);
         }
         (*rc)++;
     }
@@ -932,12 +954,12 @@ static void ring_service(pd_t *d, int users)
      * its previous lap was processed above. */
     while (pool->n && p - *rc < size) {
         uint32_t i = pool->v[--pool->n];
-        pa_store(users ? &m->users[i].alloc : &m->devs[i].alloc, PRES_ALLOC_FREE);
+        pa_store(pres__alloc_word(m, kind, i), PRES_ALLOC_FREE);
         offered[i] = p;
         pa_store_release(&ring[p & (size - 1)], PRES_RING_MAKE(i, 0, (p >> shift) & 0xffffffu));
         p++;
         /* release: the slot is written before consumers may reach it. */
-        pa_store_release(users ? &h->user_prod : &h->dev_prod, p);
+        pa_store_release(&h->prod[kind], p);
     }
 }
 
@@ -957,6 +979,7 @@ void pd_tick(pd_t *d)
         pa_store(&m->hdr->wall_offset_ms, off);
     }
     nw = pres__wall_of(m, nm);
+    pd_notes_read(d);
     d->gw_check = 0;
     pd_clients_poll(d, client_gone);
     if (d->ticks % SLOW_TICKS == 0) {
@@ -979,8 +1002,8 @@ void pd_tick(pd_t *d)
     }
     grace_periods(d, nm);
     claims_check(d);
-    ring_service(d, 0);
-    ring_service(d, 1);
+    for (int k = 0; k < PRES_RK_COUNT; k++)
+        ring_service(d, k);
     d->last_tick_mono = nm;
 }
 
@@ -989,18 +1012,18 @@ void pd_tick(pd_t *d)
 /* Rebuild what only the daemon's memory held: where each record was last
  * offered, the pools (records freed and not offered), records retired and
  * not yet freed, and records taken by clients that have not claimed them. */
-static int adopt_ring(pd_t *d, int users)
+static int adopt_ring(pd_t *d, int kind)
 {
     pres_map_t *m = &d->m;
-    uint32_t cap = users ? m->user_cap : m->dev_cap;
-    uint64_t size = (users ? m->user_rmask : m->dev_rmask) + 1;
-    uint64_t *ring = users ? m->user_ring : m->dev_ring;
-    uint64_t cons = pa_load(users ? &m->hdr->user_cons : &m->hdr->dev_cons);
-    uint64_t prod = pa_load(users ? &m->hdr->user_prod : &m->hdr->dev_prod);
-    unsigned shift = users ? m->user_rshift : m->dev_rshift;
-    uint64_t *offered = users ? d->user_offered : d->dev_offered;
+    uint32_t cap = m->rcap[kind];
+    uint64_t size = m->rmask[kind] + 1;
+    uint64_t *ring = m->ring[kind];
+    uint64_t cons = pa_load(&m->hdr->ring[kind].cons);
+    uint64_t prod = pa_load(&m->hdr->prod[kind]);
+    unsigned shift = m->rshift[kind];
+    uint64_t *offered = d->offered[kind];
     if (cons > prod || prod - cons > size) {
-        pd_log(LOG_ERR, "%s ring cursors are damaged", users ? "user" : "device");
+        pd_log(LOG_ERR, "%s ring cursors are damaged", kind_name[kind]);
         return -EPROTO;
     }
     for (uint32_t i = 0; i < cap; i++)
@@ -1018,24 +1041,21 @@ static int adopt_ring(pd_t *d, int users)
         }
     }
     for (uint32_t i = 0; i < cap; i++) {
-        uint64_t a = pa_load(users ? &m->users[i].alloc : &m->devs[i].alloc);
+        uint64_t a = pa_load(pres__alloc_word(m, kind, i));
         if (a == PRES_ALLOC_POOLED)
-            stack_push(users ? &d->user_pool : &d->dev_pool, i);
+            stack_push(&d->pool[kind], i);
         else if (a == PRES_ALLOC_RETIRED)
-            retire(d, i, users);
+            retire(d, i, kind);
         else if (a == PRES_ALLOC_FREE && (offered[i] == UINT64_MAX || offered[i] < cons)) {
             uint32_t t = taker[i];
             if (t && t <= PRES_CLIENTS && pres__client_alive(m, t - 1))
-                claim_add(d, users, i, offered[i], t - 1);
+                claim_add(d, kind, i, offered[i], t - 1);
             else
-                pool_back(d, users, i);
+                pool_back(d, kind, i);
         }
     }
     free(taker);
-    if (users)
-        d->user_rc = cons;
-    else
-        d->dev_rc = cons;
+    d->rc[kind] = cons;
     return 0;
 }
 
@@ -1047,11 +1067,11 @@ int pd_adopt(pd_t *d)
     d->dead_seen = calloc(m->dev_cap, 1);
     d->user_empty = calloc(m->user_cap, 1);
     d->gw_pending = calloc(m->gw_cap, sizeof *d->gw_pending);
-    d->dev_offered = calloc(m->dev_cap, sizeof *d->dev_offered);
-    d->user_offered = calloc(m->user_cap, sizeof *d->user_offered);
-    if (!d->exp_seen || !d->unl || !d->dead_seen || !d->user_empty || !d->gw_pending ||
-        !d->dev_offered || !d->user_offered)
+    if (!d->exp_seen || !d->unl || !d->dead_seen || !d->user_empty || !d->gw_pending)
         return -ENOMEM;
+    for (int k = 0; k < PRES_RK_COUNT; k++)
+        if (!(d->offered[k] = calloc(m->rcap[k], sizeof *d->offered[k])))
+            return -ENOMEM;
     d->adopt_mono = pres__mono_ms();
     pres_client_t *me = &m->clients[PRES_DAEMON_CLIENT];
     pa_store(&me->pid, (uint64_t)getpid());
@@ -1060,8 +1080,9 @@ int pd_adopt(pd_t *d)
     pa_store(&m->hdr->daemon_pid, (uint64_t)getpid());
     pd_clients_init(d);
     int rc;
-    if ((rc = adopt_ring(d, 0)) < 0 || (rc = adopt_ring(d, 1)) < 0)
-        return rc;
+    for (int k = 0; k < PRES_RK_COUNT; k++)
+        if ((rc = adopt_ring(d, k)) < 0)
+            return rc;
     return 0;
 }
 
@@ -1081,9 +1102,10 @@ void pd_shutdown(pd_t *d)
     free(d->dead_seen);
     free(d->user_empty);
     free(d->gw_pending);
-    free(d->dev_offered);
-    free(d->user_offered);
     free(d->claims);
-    free(d->dev_pool.v);
-    free(d->user_pool.v);
+    free(d->nb);
+    for (int k = 0; k < PRES_RK_COUNT; k++) {
+        free(d->offered[k]);
+        free(d->pool[k].v);
+    }
 }

@@ -196,6 +196,129 @@ PRES_API int pres_route(pres_t *p, const char *user_id,
  *  @return 0; -EINVAL; -ENAMETOOLONG. */
 PRES_API int pres_report_stale(pres_t *p, const char *device_id);
 
+/**
+ * Typing: device_id's user is typing in conversation_id until now + ttl_ms;
+ * ttl_ms == 0 stops it.  Typing belongs to the device (one conversation at a
+ * time: typing elsewhere moves it) and ends when the device disconnects or
+ * expires.  Counts as an interaction (stopping does not).  A repeat within
+ * the TTL only extends it (no event).
+ * @return 0; -ENOENT device not connected; -EINVAL; -ENAMETOOLONG; -EROFS;
+ *         -ENOSPC no typing record free.
+ */
+PRES_API int pres_typing(pres_t *p, const char *device_id,
+                         const char *conversation_id, uint32_t ttl_ms);
+
+/* ------------------------------------------------------------------------ */
+/* What a person sees of a user                                              */
+
+enum pres_status { PRES_OFFLINE = 0, PRES_IDLE_NOW = 1, PRES_ACTIVE_NOW = 2 };
+enum pres_seen {
+    PRES_SEEN_EXACT = 0,      /* last_seen_ms holds the time */
+    PRES_SEEN_RECENTLY,       /* within 3 days   */
+    PRES_SEEN_WEEK,           /* within 7 days   */
+    PRES_SEEN_MONTH,          /* within 30 days  */
+    PRES_SEEN_LONG_AGO,       /* longer ago      */
+    PRES_SEEN_NEVER,          /* never connected */
+    PRES_SEEN_HIDDEN          /* nothing may be shown */
+};
+
+typedef struct {
+    const char *viewer_id;    /* NULL: the system's own view, no privacy rules */
+    int         is_contact;   /* viewer is in the user's contacts */
+} pres_viewer_t;
+
+typedef struct {
+    int      status;          /* enum pres_status, as this viewer may see it */
+    int      seen;            /* enum pres_seen */
+    uint64_t last_seen_ms;    /* 0 unless seen == PRES_SEEN_EXACT */
+    unsigned devices;         /* connected devices now; 0 when the viewer
+                                 may not see the user's online status */
+} pres_user_view_t;
+
+/**
+ * A user as viewer sees them (viewer NULL: the system's view, no privacy).
+ * Status aggregates the user's devices (ACTIVE_NOW if any connected device
+ * is active, else IDLE_NOW if any is connected, else OFFLINE) and stays at
+ * the last online status for the store's offline grace after the last
+ * device stops being connected.  A user whose devices were evicted from
+ * shared memory is answered from the LMDB mirror.
+ * @return 0; -ENOENT a user the store has never heard of; -EINVAL;
+ *         -ENAMETOOLONG; -EPROTO.
+ * Cost: one miss for the user plus one per device; with a viewer, a
+ * lookup of the viewer's own policy and a scan of the exception lists.
+ */
+PRES_API int pres_user(pres_t *p, const char *user_id, const pres_viewer_t *viewer,
+                       pres_user_view_t *out);
+
+enum pres_audience { PRES_EVERYONE = 0, PRES_CONTACTS = 1, PRES_NOBODY = 2 };
+typedef struct {
+    int                last_seen;   /* enum pres_audience: who sees last seen */
+    int                online;      /* enum pres_audience: who sees online/idle;
+                                       never narrower than last_seen */
+    int                approximate; /* those refused see buckets, not HIDDEN */
+    int                reciprocal;  /* hiding mine hides others' from me */
+    int                invisible;   /* appear offline to everyone; routing unaffected */
+    const char *const *allow;  size_t n_allow; /* always see, whatever the audience */
+    const char *const *deny;   size_t n_deny;  /* never see */
+} pres_privacy_t;
+
+/**
+ * Replace user_id's privacy policy (creating the user if the store has not
+ * seen them).  Readers see the old policy or the new one, never a mix.
+ * @return 0; -EINVAL bad enum value, online narrower than last_seen, a NULL
+ *         or empty id; -ENAMETOOLONG; -E2BIG a list longer than
+ *         PRES_EXCEPTIONS_MAX; -ENOSPC exception or user capacity; -EROFS.
+ *         On error the old policy stays.
+ */
+PRES_API int pres_set_privacy(pres_t *p, const char *user_id, const pres_privacy_t *pol);
+
+/**
+ * The users typing in conversation_id now, each once: writes at most cap
+ * ids and sets *n to how many there are.
+ * @return 0; -EINVAL; -ENAMETOOLONG; -EPROTO.
+ * Cost: a walk of the conversation's hash chain (typing records only).
+ */
+PRES_API int pres_typing_list(pres_t *p, const char *conversation_id,
+                              char (*user_ids)[PRES_ID_MAX + 1], size_t cap, size_t *n);
+
+/* ------------------------------------------------------------------------ */
+/* The change feed                                                           */
+
+enum pres_event_kind {
+    PRES_EV_CONNECT = 1,    /* device connected (or reconnected elsewhere) */
+    PRES_EV_DISCONNECT,     /* device disconnected cleanly                 */
+    PRES_EV_EXPIRE,         /* device's TTL passed, or its gateway died     */
+    PRES_EV_USER_STATUS,    /* a user's aggregate status changed            */
+    PRES_EV_TYPING,         /* typing started in a conversation             */
+    PRES_EV_TYPING_STOP,    /* typing stopped, moved elsewhere, or its TTL
+                               passed                                       */
+    PRES_EV_LOST            /* the writer of this seq died while appending
+                               it: what it said is unknown (resync)         */
+};
+
+typedef struct {
+    uint64_t seq;                            /* strictly increasing, no gaps */
+    uint64_t at_ms;
+    int      kind;                           /* enum pres_event_kind */
+    int      status;                         /* new status, for USER_STATUS */
+    char     user_id[PRES_ID_MAX + 1];
+    char     device_id[PRES_ID_MAX + 1];     /* "" for USER_STATUS */
+    char     gateway_id[PRES_ID_MAX + 1];
+    char     conversation_id[PRES_ID_MAX + 1];/* for typing events */
+} pres_event_t;
+
+/**
+ * The next event of the feed.  *cursor == 0 means "from now": it is first
+ * set to the seq the next event will have.  On success *ev is the event with
+ * seq == *cursor and *cursor becomes seq + 1.  timeout_ms < 0 waits forever,
+ * 0 does not wait.
+ * @return 0; -ETIMEDOUT nothing within the timeout; -EOVERFLOW the cursor
+ *         fell behind the feed's capacity (it is moved to the oldest event
+ *         held: resync from a snapshot); -EINVAL; -EPROTO.
+ * Waiting sleeps on a futex; watchers never slow writers down.
+ */
+PRES_API int pres_watch(pres_t *p, uint64_t *cursor, pres_event_t *ev, int timeout_ms);
+
 /* ------------------------------------------------------------------------ */
 /* Counters                                                                  */
 

@@ -17,16 +17,16 @@
  */
 #include "store.h"
 
-int pres__alloc_take(pres_t *p, int users, uint32_t *idx)
+int pres__alloc_take(pres_t *p, int kind, uint32_t *idx)
 {
     pres_map_t *m = &p->m;
     pres_hdr_t *h = m->hdr;
-    uint64_t *ring = users ? m->user_ring : m->dev_ring;
-    uint64_t rmask = users ? m->user_rmask : m->dev_rmask;
-    unsigned shift = users ? m->user_rshift : m->dev_rshift;
-    uint64_t *cons = users ? &h->user_cons : &h->dev_cons;
-    uint64_t *prod = users ? &h->user_prod : &h->dev_prod;
-    uint32_t cap = users ? m->user_cap : m->dev_cap;
+    uint64_t *ring = m->ring[kind];
+    uint64_t rmask = m->rmask[kind];
+    unsigned shift = m->rshift[kind];
+    uint64_t *cons = &h->ring[kind].cons;
+    uint64_t *prod = &h->prod[kind];
+    uint32_t cap = m->rcap[kind];
 
     /* Each failed round means another consumer made progress (lock-free);
      * the bound only turns a damaged ring into -EPROTO instead of a hang. */
@@ -56,9 +56,7 @@ int pres__alloc_take(pres_t *p, int users, uint32_t *idx)
             continue;
         pa_cas(cons, &c, c + 1);
         /* The record is ours: claim it for the daemon's bookkeeping. */
-        pres_dev_t *d = users ? NULL : &m->devs[i];
-        pres_user_t *u = users ? &m->users[i] : NULL;
-        pa_store(users ? &u->alloc : &d->alloc, p->token);
+        pa_store(pres__alloc_word(m, kind, i), p->token);
         *idx = i;
         return 0;
     }

@@ -368,7 +368,7 @@ static int connect_new(pres_t *p, pres_rs_t *t, const char *user, size_t ulen,
     int rc = pres__idx_user_get(p, user, ulen, &u);
     if (rc < 0)
         return rc;
-    if ((rc = pres__alloc_take(p, 0, &i)) < 0)
+    if ((rc = pres__alloc_take(p, PRES_RK_DEV, &i)) < 0)
         return rc;
     pres_dev_t *d = &m->devs[i];
     pres_conn_t c = { .gw = gwi, .flags = conn_flags(m, gwi), .connected_at = nw, .ended = 0 };
@@ -380,8 +380,7 @@ static int connect_new(pres_t *p, pres_rs_t *t, const char *user, size_t ulen,
     *cid = (uint32_t)((pa_load(&d->gen) * UINT32_C(2654435761)) >> 8) & REF_CID_MASK;
     conn_write(d, 0, &c, ttl, *cid);
     pa_store(&d->activity, nm);
-    pa_store(&d->typing[0], 0);
-    pa_store(&d->typing[1], 0);
+    pa_store(&d->typing, 0);
     /* PENDING and latched by us: invisible to readers, and the daemon
      * leaves it alone while we live. */
     uint64_t pending = PRES_LIVE_MAKE(nm + ttl, PRES_DS_PENDING, 0, t->index + 1);
@@ -448,6 +447,7 @@ PRES_API int pres_connect(pres_t *p, const char *user_id, const char *device_id,
                          ttl_ms, nm, nw, &idx, &cid);
     }
     if (rc == 0) {
+        pres__note(m, PRES_NOTE_DEV, idx);
         pres__count(t, PRES_C_CONNECTS);
         if (ref)
             *ref = make_ref(idx, pa_load(&m->devs[idx].gen), cid);
@@ -501,6 +501,8 @@ static int heartbeat_at(pres_t *p, pres_rs_t *t, uint32_t i, int64_t ref_cid, ui
         conn_write(d, k ^ 1, &c, ttl, cid);
         if ((rc = latch_publish(t, d, nm + ttl, PRES_DS_CONNECTED)) < 0)
             return rc == -EAGAIN && ref_cid >= 0 ? -ESTALE : rc;
+        /* A new TTL or a revival moves the expiry the daemon's timers know. */
+        pres__note(&p->m, PRES_NOTE_DEV, i);
         pres__count(t, PRES_C_HEARTBEATS);
         if (late)
             pres__count(t, PRES_C_LATE_HEARTBEATS);
@@ -601,6 +603,7 @@ static int disconnect_at(pres_t *p, pres_rs_t *t, uint32_t i, int64_t ref_cid)
     conn_write(d, k ^ 1, &c, ttl, cid);
     if ((rc = latch_publish(t, d, exp, PRES_DS_DISCONNECTED)) < 0)
         return rc == -EAGAIN && ref_cid >= 0 ? -ESTALE : rc;
+    pres__note(&p->m, PRES_NOTE_DEV, i);
     if (!expired)
         pres__count(t, PRES_C_DISCONNECTS);
     return 0;
@@ -652,11 +655,19 @@ PRES_API int pres_set_activity(pres_t *p, const char *device_id, enum pres_activ
         if (PRES_LIVE_STATE(L) != PRES_DS_CONNECTED || PRES_LIVE_EXPIRY(L) <= nm) {
             rc = -ENOENT;
         } else if (a == PRES_ACTIVE) {
-            pa_store(&d->activity, nm);
+            /* Only a change of the device's active state concerns the
+             * daemon (status events, the mirror): an interaction on an
+             * active device is one store. */
+            uint64_t w = pa_exchange(&d->activity, nm);
+            uint64_t idle_after = pa_load(&p->m.hdr->idle_after_ms);
+            if ((w & PRES_ACT_IDLE) || (idle_after && nm >= PRES_ACT_TIME(w) + idle_after))
+                pres__note(&p->m, PRES_NOTE_DEV, (uint32_t)i);
         } else {
             uint64_t w = pa_load(&d->activity);
             while (!pa_cas(&d->activity, &w, w | PRES_ACT_IDLE))
                 ;
+            if (!(w & PRES_ACT_IDLE))
+                pres__note(&p->m, PRES_NOTE_DEV, (uint32_t)i);
         }
     }
     pres__gp_leave(t);

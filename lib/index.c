@@ -132,7 +132,7 @@ int pres__idx_user_get(pres_t *p, const char *key, size_t len, uint32_t *out)
         if (rc == -EAGAIN)
             continue;
         if (spare == UINT32_MAX && (spare = spare_get(p)) == UINT32_MAX &&
-            (rc = pres__alloc_take(p, 1, &spare)) < 0)
+            (rc = pres__alloc_take(p, PRES_RK_USER, &spare)) < 0)
             return rc;
         pres_user_t *u = &m->users[spare];
         u->keylen = (uint8_t)len;

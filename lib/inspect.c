@@ -215,12 +215,13 @@ static void check_user_chains(chk_t *c, const pres_map_t *m)
 static void check_ring(chk_t *c, const pres_map_t *m, int users)
 {
     const pres_hdr_t *h = m->hdr;
-    uint64_t cons = pa_load(users ? &h->user_cons : &h->dev_cons);
-    uint64_t prod = pa_load(users ? &h->user_prod : &h->dev_prod);
-    uint64_t size = (users ? m->user_rmask : m->dev_rmask) + 1;
-    unsigned shift = users ? m->user_rshift : m->dev_rshift;
-    uint32_t cap = users ? m->user_cap : m->dev_cap;
-    const uint64_t *ring = users ? m->user_ring : m->dev_ring;
+    int kind = users ? PRES_RK_USER : PRES_RK_DEV;
+    uint64_t cons = pa_load(&h->ring[kind].cons);
+    uint64_t prod = pa_load(&h->prod[kind]);
+    uint64_t size = m->rmask[kind] + 1;
+    unsigned shift = m->rshift[kind];
+    uint32_t cap = m->rcap[kind];
+    const uint64_t *ring = m->ring[kind];
     uint8_t *in = users ? c->user_in_ring : c->dev_in_ring;
     const char *what = users ? "user" : "device";
     if (cons > prod || prod - cons > size) {

@@ -197,6 +197,18 @@ static int open_checked(const char *path, int oflags, struct stat *st)
     return fd;
 }
 
+/* Element sizes, fixed by the format. */
+static const uint64_t area_esize[PRES_AREA_COUNT] = {
+    8, 8, sizeof(pres_gw_t), sizeof(pres_dev_t), sizeof(pres_user_t),
+    sizeof(pres_exc_t), sizeof(pres_typ_t), 8, sizeof(pres_event_slot_t), 8,
+    8, 8, 8, 8,
+};
+
+static int pow2(uint64_t n)
+{
+    return n != 0 && (n & (n - 1)) == 0;
+}
+
 static int area_ok(const pres_area_t *a, uint64_t expect_size, uint64_t file_size)
 {
     if (a->size != expect_size || a->off % PRES_PAGE != 0 || a->off < PRES_HDR_SIZE)
@@ -210,31 +222,33 @@ int pres__region_validate(const pres_map_t *m, uint64_t size, uint64_t rsize)
 {
     const pres_hdr_t *h = m->hdr;
     const pres_rhdr_t *r = m->rhdr;
-    static const uint64_t esize[PRES_AREA_COUNT] = {
-        8, 8, sizeof(pres_gw_t), sizeof(pres_dev_t), sizeof(pres_user_t),
-        PRES_EXC_SIZE, PRES_CONV_SIZE, PRES_EVENT_SIZE, PRES_CHANGE_SIZE, 8, 8,
-    };
-
     if (size < PRES_HDR_SIZE || h->magic != PRES_MAGIC || h->format != PRES_FORMAT ||
         h->hdr_size != PRES_HDR_SIZE || h->file_size != size ||
         h->areas_count != PRES_AREA_COUNT || pa_load_acquire(&h->ready) != 1)
         return -EPROTO;
     for (int i = 0; i < PRES_AREA_COUNT; i++)
-        if (!area_ok(&h->area[i], esize[i], size))
+        if (!area_ok(&h->area[i], area_esize[i], size))
             return -EPROTO;
     uint64_t db = h->area[PRES_AREA_DEV_BUCKETS].count;
     uint64_t ub = h->area[PRES_AREA_USER_BUCKETS].count;
+    uint64_t tb = h->area[PRES_AREA_TYP_BUCKETS].count;
     uint64_t dc = h->area[PRES_AREA_DEVICES].count;
     uint64_t uc = h->area[PRES_AREA_USERS].count;
     uint64_t gc = h->area[PRES_AREA_GATEWAYS].count;
-    if (db == 0 || (db & (db - 1)) || ub == 0 || (ub & (ub - 1)) ||
+    uint64_t xc = h->area[PRES_AREA_EXCEPTIONS].count;
+    uint64_t tc = h->area[PRES_AREA_TYPING].count;
+    if (!pow2(db) || !pow2(ub) || !pow2(tb) || !pow2(gc) ||
+        !pow2(h->area[PRES_AREA_EVENTS].count) || !pow2(h->area[PRES_AREA_NOTES].count) ||
         dc == 0 || dc > PRES_DEV_CAP_MAX || uc == 0 || uc > PRES_USER_CAP_MAX ||
-        gc == 0 || gc > PRES_GW_CAP_MAX || (gc & (gc - 1)))
+        gc > PRES_GW_CAP_MAX || xc == 0 || xc > PRES_USER_CAP_MAX ||
+        tc == 0 || tc > PRES_USER_CAP_MAX)
         return -EPROTO;
-    uint64_t dr = h->area[PRES_AREA_DEV_RING].count;
-    uint64_t ur = h->area[PRES_AREA_USER_RING].count;
-    if (dr < dc || (dr & (dr - 1)) || ur < uc || (ur & (ur - 1)))
-        return -EPROTO;
+    const uint64_t caps[PRES_RK_COUNT] = { dc, uc, xc, tc };
+    for (int k = 0; k < PRES_RK_COUNT; k++) {
+        uint64_t rc = h->area[PRES_AREA_DEV_RING + k].count;
+        if (rc < caps[k] || !pow2(rc))
+            return -EPROTO;
+    }
 
     if (rsize < PRES_HDR_SIZE || r->magic != PRES_READERS_MAGIC ||
         r->format != PRES_FORMAT || r->hdr_size != PRES_HDR_SIZE ||
@@ -251,22 +265,38 @@ int pres__region_validate(const pres_map_t *m, uint64_t size, uint64_t rsize)
 static void map_pointers(pres_map_t *m)
 {
     pres_hdr_t *h = m->hdr;
-    m->dev_buckets = (uint64_t *)(m->base + h->area[PRES_AREA_DEV_BUCKETS].off);
-    m->user_buckets = (uint64_t *)(m->base + h->area[PRES_AREA_USER_BUCKETS].off);
-    m->gws = (pres_gw_t *)(m->base + h->area[PRES_AREA_GATEWAYS].off);
-    m->devs = (pres_dev_t *)(m->base + h->area[PRES_AREA_DEVICES].off);
-    m->users = (pres_user_t *)(m->base + h->area[PRES_AREA_USERS].off);
-    m->dev_ring = (uint64_t *)(m->base + h->area[PRES_AREA_DEV_RING].off);
-    m->user_ring = (uint64_t *)(m->base + h->area[PRES_AREA_USER_RING].off);
-    m->dev_rmask = h->area[PRES_AREA_DEV_RING].count - 1;
-    m->user_rmask = h->area[PRES_AREA_USER_RING].count - 1;
-    m->dev_rshift = (unsigned)__builtin_ctzll(h->area[PRES_AREA_DEV_RING].count);
-    m->user_rshift = (unsigned)__builtin_ctzll(h->area[PRES_AREA_USER_RING].count);
+#define AREA(type, a) ((type *)(m->base + h->area[a].off))
+    m->dev_buckets = AREA(uint64_t, PRES_AREA_DEV_BUCKETS);
+    m->user_buckets = AREA(uint64_t, PRES_AREA_USER_BUCKETS);
+    m->typ_buckets = AREA(uint64_t, PRES_AREA_TYP_BUCKETS);
+    m->gws = AREA(pres_gw_t, PRES_AREA_GATEWAYS);
+    m->devs = AREA(pres_dev_t, PRES_AREA_DEVICES);
+    m->users = AREA(pres_user_t, PRES_AREA_USERS);
+    m->excs = AREA(pres_exc_t, PRES_AREA_EXCEPTIONS);
+    m->typs = AREA(pres_typ_t, PRES_AREA_TYPING);
+    m->events = AREA(pres_event_slot_t, PRES_AREA_EVENTS);
+    m->notes = AREA(uint64_t, PRES_AREA_NOTES);
+    for (int k = 0; k < PRES_RK_COUNT; k++) {
+        uint64_t n = h->area[PRES_AREA_DEV_RING + k].count;
+        m->ring[k] = AREA(uint64_t, PRES_AREA_DEV_RING + k);
+        m->rmask[k] = n - 1;
+        m->rshift[k] = (unsigned)__builtin_ctzll(n);
+    }
+#undef AREA
     m->dev_mask = h->area[PRES_AREA_DEV_BUCKETS].count - 1;
     m->user_mask = h->area[PRES_AREA_USER_BUCKETS].count - 1;
+    m->typ_mask = h->area[PRES_AREA_TYP_BUCKETS].count - 1;
+    m->ev_mask = h->area[PRES_AREA_EVENTS].count - 1;
+    m->note_mask = h->area[PRES_AREA_NOTES].count - 1;
     m->dev_cap = (uint32_t)h->area[PRES_AREA_DEVICES].count;
     m->user_cap = (uint32_t)h->area[PRES_AREA_USERS].count;
     m->gw_cap = (uint32_t)h->area[PRES_AREA_GATEWAYS].count;
+    m->exc_cap = (uint32_t)h->area[PRES_AREA_EXCEPTIONS].count;
+    m->typ_cap = (uint32_t)h->area[PRES_AREA_TYPING].count;
+    m->rcap[PRES_RK_DEV] = m->dev_cap;
+    m->rcap[PRES_RK_USER] = m->user_cap;
+    m->rcap[PRES_RK_EXC] = m->exc_cap;
+    m->rcap[PRES_RK_TYP] = m->typ_cap;
     m->seed = h->hash_seed;
     m->clients = (pres_client_t *)(m->rbase + m->rhdr->off_clients);
     m->rslots = (pres_rslot_t *)(m->rbase + m->rhdr->off_readers);
@@ -386,19 +416,17 @@ static void layout(pres_hdr_t *h, const pres_layout_params_t *lp)
 {
     const uint64_t counts[PRES_AREA_COUNT] = {
         pow2_at_least(lp->dev_cap), pow2_at_least(lp->user_cap), lp->gw_cap,
-        lp->dev_cap, lp->user_cap, lp->exceptions, lp->convs, lp->events,
-        lp->changes, pow2_at_least(lp->dev_cap), pow2_at_least(lp->user_cap),
-    };
-    static const uint64_t esize[PRES_AREA_COUNT] = {
-        8, 8, sizeof(pres_gw_t), sizeof(pres_dev_t), sizeof(pres_user_t),
-        PRES_EXC_SIZE, PRES_CONV_SIZE, PRES_EVENT_SIZE, PRES_CHANGE_SIZE, 8, 8,
+        lp->dev_cap, lp->user_cap, lp->exceptions, lp->typing,
+        pow2_at_least(lp->typing), pow2_at_least(lp->events), pow2_at_least(lp->notes),
+        pow2_at_least(lp->dev_cap), pow2_at_least(lp->user_cap),
+        pow2_at_least(lp->exceptions), pow2_at_least(lp->typing),
     };
     uint64_t off = PRES_HDR_SIZE;
     for (int i = 0; i < PRES_AREA_COUNT; i++) {
         h->area[i].off = off;
         h->area[i].count = counts[i];
-        h->area[i].size = esize[i];
-        off = page_up(off + counts[i] * esize[i]);
+        h->area[i].size = area_esize[i];
+        off = page_up(off + counts[i] * area_esize[i]);
     }
     h->file_size = off;
 }
@@ -410,18 +438,22 @@ static void init_records(pres_map_t *m)
         m->dev_buckets[i] = PRES_LINK_NULLS(i);
     for (uint64_t i = 0; i <= m->user_mask; i++)
         m->user_buckets[i] = PRES_LINK_NULLS(i);
+    for (uint64_t i = 0; i <= m->typ_mask; i++)
+        m->typ_buckets[i] = PRES_LINK_NULLS(i);
+    for (uint32_t i = 0; i < m->dev_cap; i++)
+        m->devs[i].gen = 1;
+    for (uint32_t i = 0; i < m->user_cap; i++)
+        m->users[i].gen = 1;
+    for (uint32_t i = 0; i < m->typ_cap; i++)
+        m->typs[i].gen = 1;
     /* Every record starts free and offered in its ring (lap 0), so clients
      * can connect even before the daemon's first pass, or without it. */
-    for (uint32_t i = 0; i < m->dev_cap; i++) {
-        m->devs[i].gen = 1;
-        m->dev_ring[i] = PRES_RING_MAKE(i, 0, 0);
+    for (int k = 0; k < PRES_RK_COUNT; k++) {
+        for (uint32_t i = 0; i < m->rcap[k]; i++)
+            m->ring[k][i] = PRES_RING_MAKE(i, 0, 0);
+        m->hdr->prod[k] = m->rcap[k];
     }
-    for (uint32_t i = 0; i < m->user_cap; i++) {
-        m->users[i].gen = 1;
-        m->user_ring[i] = PRES_RING_MAKE(i, 0, 0);
-    }
-    m->hdr->dev_prod = m->dev_cap;
-    m->hdr->user_prod = m->user_cap;
+    m->hdr->ev_next = 1;
 }
 
 int pres__region_create(pres_map_t *m, const char *name, const pres_layout_params_t *lp)
@@ -433,7 +465,10 @@ int pres__region_create(pres_map_t *m, const char *name, const pres_layout_param
     memset(m, 0, sizeof *m);
     if (lp->dev_cap == 0 || lp->dev_cap > PRES_DEV_CAP_MAX || lp->user_cap == 0 ||
         lp->user_cap > PRES_USER_CAP_MAX || lp->gw_cap == 0 ||
-        lp->gw_cap > PRES_GW_CAP_MAX || (lp->gw_cap & (lp->gw_cap - 1)))
+        lp->gw_cap > PRES_GW_CAP_MAX || (lp->gw_cap & (lp->gw_cap - 1)) ||
+        lp->exceptions == 0 || lp->exceptions > PRES_USER_CAP_MAX ||
+        lp->typing == 0 || lp->typing > PRES_USER_CAP_MAX || lp->events == 0 ||
+        lp->events > (UINT64_C(1) << 30) || lp->notes == 0 || lp->notes > (UINT64_C(1) << 30))
         return -EINVAL;
     if ((rc = pres__region_path(path, sizeof path, name, NULL)) < 0 ||
         (rc = pres__region_path(rpath, sizeof rpath, name, ".readers")) < 0)
@@ -495,6 +530,8 @@ int pres__region_create(pres_map_t *m, const char *name, const pres_layout_param
     h->idle_after_ms = lp->idle_after_ms;
     h->offline_grace_ms = lp->offline_grace_ms;
     h->retain_ms = lp->retain_ms;
+    if (lp->db_dir)
+        snprintf(h->db_dir, sizeof h->db_dir, "%s", lp->db_dir);
 
     pres_rhdr_t *r = m->rhdr;
     r->magic = PRES_READERS_MAGIC;

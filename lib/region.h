@@ -5,9 +5,9 @@
  * A store NAME is three files in $PRESENCE_SHM_DIR:
  *
  *   presence.NAME          the records: header, hash buckets, gateway table,
- *                          device and user records, and the areas reserved
- *                          for privacy exceptions, typing, the event ring and
- *                          the mirror's change ring.  RDWR handles map it
+ *                          device and user records, privacy exception
+ *                          entries, typing records, the change feed and the
+ *                          daemon's change notes.  RDWR handles map it
  *                          read-write; RDONLY handles map it read-only, so a
  *                          stray write of a reader cannot damage a record.
  *   presence.NAME.readers  what every attached process must be able to write:
@@ -32,7 +32,7 @@
 #define PRES_READERS_MAGIC  UINT64_C(0x5052455352454144)   /* "PRESREAD" */
 /* The region format version, separate from the library version: bumped on
  * any change of the layout below. */
-#define PRES_FORMAT         1u
+#define PRES_FORMAT         2u
 
 #define PRES_HDR_SIZE       4096u
 #define PRES_CACHELINE      64u
@@ -61,14 +61,21 @@ enum pres_area {
     PRES_AREA_GATEWAYS,         /* pres_gw_t */
     PRES_AREA_DEVICES,          /* pres_dev_t */
     PRES_AREA_USERS,            /* pres_user_t */
-    PRES_AREA_EXCEPTIONS,       /* privacy exception entries (64 B each) */
-    PRES_AREA_CONVS,            /* typing: conversations (128 B each) */
-    PRES_AREA_EVENTS,           /* the change feed (320 B each) */
-    PRES_AREA_CHANGES,          /* the mirror's change ring (8 B each) */
-    PRES_AREA_DEV_RING,         /* free device records offered to clients */
-    PRES_AREA_USER_RING,        /* free user records offered to clients */
+    PRES_AREA_EXCEPTIONS,       /* pres_exc_t: privacy policies' entries */
+    PRES_AREA_TYPING,           /* pres_typ_t: who types where */
+    PRES_AREA_TYP_BUCKETS,      /* uint64_t link heads, by conversation */
+    PRES_AREA_EVENTS,           /* pres_event_slot_t: the change feed */
+    PRES_AREA_NOTES,            /* uint64_t: records changed, for the daemon */
+    PRES_AREA_DEV_RING,         /* free-record rings, one per kind (uint64_t) */
+    PRES_AREA_USER_RING,
+    PRES_AREA_EXC_RING,
+    PRES_AREA_TYP_RING,
     PRES_AREA_COUNT
 };
+
+/* Kinds of records handed out through a free-record ring, in the order of
+ * their ring areas. */
+enum pres_rkind { PRES_RK_DEV = 0, PRES_RK_USER, PRES_RK_EXC, PRES_RK_TYP, PRES_RK_COUNT };
 
 typedef struct {
     uint64_t off;      /* from the start of the file; page aligned */
@@ -170,7 +177,8 @@ typedef struct {
     uint64_t unext;          /* the user's device list */
     uint64_t alloc;          /* PRES_ALLOC_FREE, or the allocator's token */
     pres_conn_t conn[2];
-    uint64_t typing[2];      /* reserved for typing (conversation, expiry) */
+    uint64_t typing;         /* link to the device's typing record, 0 none */
+    uint64_t spare;
 } pres_dev_t;
 
 /* A user record: 128 bytes. */
@@ -178,15 +186,103 @@ typedef struct {
     uint64_t next;           /* hash chain link */
     uint64_t dhead;          /* first device of the user (link), RETIRED */
     uint32_t gen;
-    uint32_t flags;          /* reserved (privacy present, ...) */
+    uint32_t flags;          /* PRES_UF_* */
     uint64_t alloc;          /* PRES_ALLOC_FREE, or the allocator's token */
     uint8_t  keylen;
     char     key[PRES_ID_MAX];
-    uint64_t privacy;        /* reserved: the current policy version */
-    uint64_t last_seen;      /* reserved: wall ms, for the user view */
-    uint64_t status;         /* reserved: damped status word */
+    uint64_t privacy;        /* the policy word, see below; 0: none */
+    uint64_t last_seen;      /* wall ms: latest last seen of the user's
+                                devices no longer in memory (evicted) */
+    uint64_t status;         /* the daemon's: last status it published in
+                                the change feed (PRES_US_*) */
     uint64_t spare;
 } pres_user_t;
+
+/* The privacy policy word of a user, replaced as a whole by one CAS, so a
+ * reader sees one policy or the other, never half of each:
+ *   bits 0..1   last_seen audience (enum pres_audience)
+ *   bits 2..3   online audience
+ *   bit  4      approximate
+ *   bit  5      reciprocal
+ *   bit  6      invisible
+ *   bit  7      set: a policy was set (0: everyone sees everything)
+ *   bits 32..63 index + 1 of the policy's first exception entry (a
+ *               PRES_EXC_HEAD), 0: no entries.  Entries are immutable while
+ *               published; a replaced policy's entries are retired through
+ *               a grace period.
+ */
+#define PRES_PV_SEEN(w)      ((int)((w) & 3u))
+#define PRES_PV_ONLINE(w)    ((int)(((w) >> 2) & 3u))
+#define PRES_PV_APPROX       (UINT64_C(1) << 4)
+#define PRES_PV_RECIP        (UINT64_C(1) << 5)
+#define PRES_PV_INVISIBLE    (UINT64_C(1) << 6)
+#define PRES_PV_SET          (UINT64_C(1) << 7)
+#define PRES_PV_HEAD(w)      ((uint32_t)((w) >> 32))
+
+/* A privacy exception entry: 128 bytes.  A policy's entries form a list
+ * from its HEAD (which holds the counts and the frozen last seen), allow
+ * entries first, then deny entries. */
+enum { PRES_EXC_HEAD = 1, PRES_EXC_ALLOW = 2, PRES_EXC_DENY = 3 };
+typedef struct {
+    uint64_t alloc;          /* FREE/POOLED/RETIRED, or the taker's token */
+    uint32_t next;           /* index + 1 of the next entry, 0: last */
+    uint32_t kind;           /* PRES_EXC_* */
+    uint64_t frozen_seen;    /* HEAD: wall ms frozen by invisibility */
+    uint32_t n_allow, n_deny; /* HEAD */
+    uint32_t user;           /* HEAD: the user it was written for */
+    uint32_t hash;           /* ALLOW/DENY: of the key, a quick reject */
+    uint8_t  keylen;
+    char     key[PRES_ID_MAX];
+    uint8_t  pad[24];
+} pres_exc_t;
+
+/* A typing record: 128 bytes, in a hash chain by conversation (inserted at
+ * the head by clients, removed only by the daemon).  A device names its
+ * current record in `typing`; a record counts only while that link still
+ * names it, its state is LIVE, its expiry has not passed and its device is
+ * connected. */
+enum { PRES_TS_PENDING = 0, PRES_TS_LIVE = 1, PRES_TS_ENDED = 2, PRES_TS_DEAD = 3 };
+#define PRES_TW_EXPIRY(w)    ((w) & PRES_LIVE_EXP_MASK)
+#define PRES_TW_STATE(w)     ((unsigned)(((w) >> 40) & 3u))
+#define PRES_TW_MAKE(exp, st) (((uint64_t)(exp) & PRES_LIVE_EXP_MASK) | ((uint64_t)(st) << 40))
+typedef struct {
+    uint64_t next;           /* conversation chain link */
+    uint64_t alloc;
+    uint64_t word;           /* expiry (monotonic ms) and state */
+    uint32_t dev, dgen;      /* the device and its generation */
+    uint32_t user, gen;      /* the device's user; this record's generation */
+    uint64_t started;        /* wall ms */
+    uint8_t  keylen;         /* the conversation id */
+    char     key[PRES_ID_MAX];
+    uint8_t  pad[16];
+} pres_typ_t;
+
+/* A slot of the change feed: 320 bytes.  `word` holds the seq and the
+ * state of the slot (see lib/events.c); the rest is the event. */
+typedef struct {
+    uint64_t word;
+    uint64_t at_ms;
+    uint32_t kind, status;
+    uint8_t  ulen, dlen, glen, clen;
+    char     user[PRES_ID_MAX];
+    char     dev[PRES_ID_MAX];
+    char     gw[PRES_ID_MAX];
+    char     conv[PRES_ID_MAX];
+    uint8_t  pad[40];
+} pres_event_slot_t;
+
+/* A change note (lib/notes.c): a record the daemon should look at again,
+ * for the mirror and for its timers.
+ *   bits 0..1   kind (PRES_NOTE_*; 0: never written)
+ *   bits 2..31  record index
+ *   bits 32..63 lap of the ring position it was written at
+ */
+enum { PRES_NOTE_DEV = 1, PRES_NOTE_USER = 2, PRES_NOTE_TYP = 3 };
+#define PRES_NOTE_MAKE(kind, idx, lap) \
+    ((uint64_t)(kind) | ((uint64_t)(idx) << 2) | ((uint64_t)(uint32_t)(lap) << 32))
+#define PRES_NOTE_KIND(s)    ((unsigned)((s) & 3u))
+#define PRES_NOTE_IDX(s)     ((uint32_t)(((s) >> 2) & 0x3fffffffu))
+#define PRES_NOTE_LAP(s)     ((uint32_t)((s) >> 32))
 
 /* A gateway entry: 128 bytes, in an open-addressed table. */
 enum pres_gw_state { PRES_GW_EMPTY = 0, PRES_GW_FILLING = 1, PRES_GW_READY = 2 };
@@ -210,11 +306,9 @@ typedef struct {
 _Static_assert(sizeof(pres_dev_t) == 192, "device record layout");
 _Static_assert(sizeof(pres_user_t) == 128, "user record layout");
 _Static_assert(sizeof(pres_gw_t) == 128, "gateway entry layout");
-
-#define PRES_EXC_SIZE     64u
-#define PRES_CONV_SIZE    128u
-#define PRES_EVENT_SIZE   320u
-#define PRES_CHANGE_SIZE  8u
+_Static_assert(sizeof(pres_exc_t) == 128, "exception entry layout");
+_Static_assert(sizeof(pres_typ_t) == 128, "typing record layout");
+_Static_assert(sizeof(pres_event_slot_t) == 320, "event slot layout");
 
 /* ---- free-record rings ----------------------------------------------------
  * The daemon (the one producer) offers free records to clients through a
@@ -241,7 +335,8 @@ typedef struct {
     uint64_t mirror_lag_ms;
     uint64_t devices_adjust;      /* corrections (two's complement) of the */
     uint64_t users_adjust;        /* counts, see daemon/reaper.c */
-    uint64_t spare[5];
+    uint64_t notes_lost;          /* note-ring overflows (each: a sweep) */
+    uint64_t spare[4];
 } pres_dcounters_t;
 
 /* Counters each thread keeps in its own reader slot (no shared cache line
@@ -275,12 +370,23 @@ typedef struct {
     uint32_t offline_grace_ms;
     uint64_t retain_ms;
     uint8_t  pad0[PRES_CACHELINE];
-    /* free-record rings: consumer cursors (clients), producer cursors
-     * (daemon), each on its own cache line */
-    uint64_t dev_cons  __attribute__((aligned(PRES_CACHELINE)));
-    uint64_t user_cons __attribute__((aligned(PRES_CACHELINE)));
-    uint64_t dev_prod  __attribute__((aligned(PRES_CACHELINE)));
-    uint64_t user_prod;
+    /* the LMDB mirror's directory, for users no longer in memory */
+    char     db_dir[1024];
+    /* free-record rings: consumer cursors (clients), each on its own cache
+     * line, and producer cursors (daemon) */
+    struct {
+        uint64_t cons __attribute__((aligned(PRES_CACHELINE)));
+    } ring[PRES_RK_COUNT];
+    uint64_t prod[PRES_RK_COUNT] __attribute__((aligned(PRES_CACHELINE)));
+    /* the change feed: the next seq to claim (starts at 1) */
+    uint64_t ev_next __attribute__((aligned(PRES_CACHELINE)));
+    /* watchers asleep (nonzero), and the futex word they sleep on */
+    uint32_t ev_sleepers __attribute__((aligned(PRES_CACHELINE)));
+    uint32_t ev_futex;
+    /* change notes: the next position to write (clients) and the daemon's
+     * read position */
+    uint64_t note_head __attribute__((aligned(PRES_CACHELINE)));
+    uint64_t note_tail __attribute__((aligned(PRES_CACHELINE)));
     /* written by the daemon */
     pres_dcounters_t dc __attribute__((aligned(PRES_CACHELINE)));
     uint64_t daemon_pid  __attribute__((aligned(PRES_CACHELINE)));
@@ -351,24 +457,43 @@ typedef struct {
     pres_rhdr_t  *rhdr;
     uint64_t     *dev_buckets;
     uint64_t     *user_buckets;
+    uint64_t     *typ_buckets;
     pres_gw_t    *gws;
     pres_dev_t   *devs;
     pres_user_t  *users;
+    pres_exc_t   *excs;
+    pres_typ_t   *typs;
+    pres_event_slot_t *events;
+    uint64_t     *notes;
     pres_client_t *clients;
     pres_rslot_t *rslots;
-    uint64_t     *dev_ring, *user_ring;
-    uint64_t      dev_mask, user_mask;   /* buckets - 1 */
-    uint64_t      dev_rmask, user_rmask; /* ring size - 1 */
-    unsigned      dev_rshift, user_rshift; /* log2 ring size */
-    uint32_t      dev_cap, user_cap, gw_cap;
+    uint64_t     *ring[PRES_RK_COUNT];   /* free-record rings */
+    uint64_t      rmask[PRES_RK_COUNT];  /* ring size - 1 */
+    unsigned      rshift[PRES_RK_COUNT]; /* log2 ring size */
+    uint32_t      rcap[PRES_RK_COUNT];   /* records of each kind */
+    uint64_t      dev_mask, user_mask, typ_mask; /* buckets - 1 */
+    uint64_t      ev_mask, note_mask;    /* slots - 1 */
+    uint32_t      dev_cap, user_cap, gw_cap, exc_cap, typ_cap;
     uint64_t      seed;
 } pres_map_t;
 
+/* The alloc word of record i of a kind. */
+static inline uint64_t *pres__alloc_word(pres_map_t *m, int kind, uint32_t i)
+{
+    switch (kind) {
+    case PRES_RK_DEV:  return &m->devs[i].alloc;
+    case PRES_RK_USER: return &m->users[i].alloc;
+    case PRES_RK_EXC:  return &m->excs[i].alloc;
+    default:           return &m->typs[i].alloc;
+    }
+}
+
 typedef struct {
     uint64_t dev_cap, user_cap, gw_cap;
-    uint64_t exceptions, convs, events, changes;
+    uint64_t exceptions, typing, events, notes;
     uint32_t idle_after_ms, offline_grace_ms;
     uint64_t retain_ms;
+    const char *db_dir;
 } pres_layout_params_t;
 
 /* Paths of the files of store `name` in dir; out has room for PATH_MAX. */

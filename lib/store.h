@@ -112,7 +112,38 @@ static inline uint64_t pres__wall_of(const pres_map_t *m, uint64_t mono)
 
 /* ---- allocation (alloc.c) ------------------------------------------------ */
 
-PRES_HIDDEN int pres__alloc_take(pres_t *p, int users, uint32_t *idx);
+PRES_HIDDEN int pres__alloc_take(pres_t *p, int kind, uint32_t *idx);
+
+/* ---- change notes (notes.c) and the change feed (events.c) --------------- */
+
+/* Tell the daemon record idx of a kind (PRES_NOTE_*) changed.  Never waits. */
+PRES_HIDDEN void pres__note(pres_map_t *m, unsigned kind, uint32_t idx);
+
+/* Append an event to the change feed (latch: the caller's latch value, the
+ * reader slot index + 1 of its thread, or PRES_DAEMON_LATCH).  Ids may be
+ * NULL (empty).  Never waits on another process. */
+PRES_HIDDEN void pres__ev_emit(pres_map_t *m, unsigned latch, int kind, int status,
+                               const char *user, size_t ulen, const char *dev, size_t dlen,
+                               const char *gw, size_t glen, const char *conv, size_t clen,
+                               uint64_t at_ms);
+
+/* ---- the user view (user.c) ------------------------------------------------ */
+
+/* What a user's devices add up to at one instant, before privacy. */
+typedef struct {
+    int      status;         /* enum pres_status, damped by the offline grace */
+    int      raw_status;     /* the same without the grace */
+    unsigned devices;        /* connected now */
+    uint64_t last_seen_ms;   /* wall; 0: never connected */
+    /* The monotonic instant at which status may next change with no write
+     * (an expiry, the idle timer, the end of the grace); UINT64_MAX none. */
+    uint64_t next_change;
+} pres_agg_t;
+
+/* Aggregate user u's devices at monotonic nm (wall nw).  Call inside a read
+ * section.  0, -EAGAIN (carried off the list: read again), -EPROTO. */
+PRES_HIDDEN int pres__user_agg(const pres_map_t *m, uint32_t u, uint64_t nm, uint64_t nw,
+                               pres_agg_t *out);
 
 /* ---- hashing and indexes (index.c) --------------------------------------- */
 

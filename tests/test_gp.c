@@ -30,7 +30,7 @@ static int make_store(void **state)
     setenv("PRESENCE_SHM_DIR", dir, 1);
     pres_map_t m;
     pres_layout_params_t lp = { .dev_cap = 8, .user_cap = 8, .gw_cap = 4, .exceptions = 4,
-                                .convs = 4, .events = 4, .changes = 4,
+                                .typing = 4, .events = 4, .notes = 4,
                                 .idle_after_ms = 1000, .offline_grace_ms = 1000,
                                 .retain_ms = 1000 };
     if (pres__region_create(&m, NAME, &lp) < 0)
@@ -166,11 +166,11 @@ static void test_ring_takes_each_once(void **state)
         assert_true(i < 8);
         assert_int_equal(seen[i]++, 0);
         assert_int_equal(m->devs[i].alloc, p->token);
-        assert_int_equal(PRES_RING_OWNER1(m->dev_ring[k]), p->latch);
+        assert_int_equal(PRES_RING_OWNER1(m->ring[PRES_RK_DEV][k]), p->latch);
     }
     uint32_t i;
     assert_int_equal(pres__alloc_take(p, 0, &i), -ENOSPC);
-    assert_int_equal(m->hdr->dev_cons, 8);
+    assert_int_equal(m->hdr->ring[PRES_RK_DEV].cons, 8);
     pres_close(p);
 }
 
