@@ -100,6 +100,14 @@ extern int pd_log_level;
 
 /* reaper.c */
 int  pd_adopt(pd_t *d);
+/* Free record idx of a kind once every reader has passed the next grace
+ * period (the caller has made it unreachable and set its alloc word to
+ * PRES_ALLOC_RETIRED). */
+void pd_retire(pd_t *d, uint32_t idx, int kind);
+/* Put a free record of a kind back in the pool the rings are refilled from. */
+void pd_pool_back(pd_t *d, int kind, uint32_t i);
+/* Is the thread whose latch value this is still alive (kernel's verdict)? */
+int  pd_latch_live(const pd_t *d, unsigned latch);
 void pd_tick(pd_t *d);
 void pd_shutdown(pd_t *d);
 

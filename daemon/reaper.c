@@ -66,7 +66,7 @@ static void stack_push(pd_stack_t *s, uint32_t v)
     s->v[s->n++] = v;
 }
 
-static void retire(pd_t *d, uint32_t idx, int kind)
+void pd_retire(pd_t *d, uint32_t idx, int kind)
 {
     if (d->ret_n == d->ret_cap) {
         size_t nc = d->ret_cap ? d->ret_cap * 2 : 1024;
@@ -81,7 +81,7 @@ static void retire(pd_t *d, uint32_t idx, int kind)
     d->ret[d->ret_n++] = (pd_retired_t){ .idx = idx, .kind = (uint32_t)kind, .epoch = 0 };
 }
 
-static void pool_back(pd_t *d, int kind, uint32_t i)
+void pd_pool_back(pd_t *d, int kind, uint32_t i)
 {
     pa_store(pres__alloc_word(&d->m, kind, i), PRES_ALLOC_POOLED);
     stack_push(&d->pool[kind], i);
@@ -98,7 +98,7 @@ static int keylen_ok(uint8_t n)
 
 /* Is the thread whose latch value this is still there?  (Untracked new
  * clients count as alive: death is only ever the kernel's verdict.) */
-static int latch_live(const pd_t *d, unsigned latch)
+int pd_latch_live(const pd_t *d, unsigned latch)
 {
     if (latch == PRES_DAEMON_LATCH)
         return 0;                /* a previous daemon's, killed mid-write */
@@ -155,7 +155,7 @@ static void dev_maybe_retire(pd_t *d, uint32_t i, unsigned bit)
     if (d->unl[i] == (UNL_HASH | UNL_USER)) {
         d->unl[i] = 0;
         pa_store(&d->m.devs[i].alloc, PRES_ALLOC_RETIRED);
-        retire(d, i, PRES_RK_DEV);
+        pd_retire(d, i, PRES_RK_DEV);
     }
 }
 
@@ -177,7 +177,7 @@ static int dev_end_by_death(pd_t *d, uint32_t i, uint32_t gw, uint32_t inc, uint
             PRES_CONN_INC(pa_load(&r->conn[k].flags)) == (inc & 0x7fffffffu))
             return 0;
         unsigned holder = PRES_LIVE_LATCH(L);
-        if (holder && latch_live(d, holder))
+        if (holder && pd_latch_live(d, holder))
             return -EBUSY;
         uint64_t want = (L & ~LIVE_LATCH_MASK) | ((uint64_t)PRES_DAEMON_LATCH << 50);
         if (pa_cas(&r->live, &L, want)) {
@@ -350,7 +350,7 @@ static void dead_ring_records(pd_t *d, const pd_gone_t *g, size_t n, int kind)
             continue;
         if (pa_load(pres__alloc_word(m, kind, i)) != PRES_ALLOC_FREE)
             continue;
-        pool_back(d, kind, i);
+        pd_pool_back(d, kind, i);
         if (p == c) {
             uint64_t exp = c;
             pa_cas(cons, &exp, c + 1);       /* as any consumer would */
@@ -361,7 +361,7 @@ static void dead_ring_records(pd_t *d, const pd_gone_t *g, size_t n, int kind)
         if ((int)cl->kind == kind && gone_has(g, n, cl->client, UINT64_MAX) &&
             d->offered[kind][cl->idx] == cl->pos &&
             pa_load(pres__alloc_word(m, kind, cl->idx)) == PRES_ALLOC_FREE)
-            pool_back(d, kind, cl->idx);
+            pd_pool_back(d, kind, cl->idx);
     }
 }
 
@@ -460,7 +460,7 @@ static unsigned dev_examine(pd_t *d, uint32_t i, uint64_t nm, uint64_t nw)
     /* A latch whose holder is gone: drop it (the idle copy it was writing
      * is never read).  A PENDING record of a gone writer was never
      * published: it goes. */
-    if (holder && !latch_live(d, holder)) {
+    if (holder && !pd_latch_live(d, holder)) {
         uint64_t want = L & ~LIVE_LATCH_MASK;
         if (st == PRES_DS_PENDING)
             want = (want & ~LIVE_STATE_MASK) | ((uint64_t)PRES_DS_DEAD << 40);
@@ -646,7 +646,7 @@ static void user_removed(pd_t *d, uint32_t u, void *ctx)
     (void)ctx;
     d->user_empty[u] = 0;
     pa_store(&d->m.users[u].alloc, PRES_ALLOC_RETIRED);
-    retire(d, u, PRES_RK_USER);
+    pd_retire(d, u, PRES_RK_USER);
 }
 
 static void user_chain_pass(pd_t *d, uint64_t b)
@@ -756,7 +756,7 @@ static void table_sweep(pd_t *d)
             continue;
         uint64_t L = pa_load_acquire(&r->live);
         unsigned st = PRES_LIVE_STATE(L), holder = PRES_LIVE_LATCH(L);
-        if (st == PRES_DS_PENDING && ((holder && !latch_live(d, holder)) ||
+        if (st == PRES_DS_PENDING && ((holder && !pd_latch_live(d, holder)) ||
                                       (!holder && !pd_token_live(d, a)))) {
             if (pa_cas(&r->live, &L, (L & ~(LIVE_STATE_MASK | LIVE_LATCH_MASK)) |
                                          ((uint64_t)PRES_DS_DEAD << 40)))
@@ -802,7 +802,7 @@ static void table_sweep(pd_t *d)
         /* Through a grace period: a previous daemon may have unlinked it
          * while readers stood on it. */
         pa_store(&r->alloc, PRES_ALLOC_RETIRED);
-        retire(d, u, PRES_RK_USER);
+        pd_retire(d, u, PRES_RK_USER);
     }
 }
 
@@ -836,7 +836,7 @@ static void free_record(pd_t *d, const pd_retired_t *e)
         uint32_t g = pa_load(gen) + 1;
         pa_store(gen, g ? g : 1);
     }
-    pool_back(d, (int)e->kind, e->idx);
+    pd_pool_back(d, (int)e->kind, e->idx);
 }
 
 static void grace_periods(pd_t *d, uint64_t nm)
@@ -907,7 +907,7 @@ static void claims_check(pd_t *d)
             continue;
         const pres_client_t *cs = &m->clients[c->client];
         if (pa_load(&cs->gen) != c->cgen || !pd_client_live(d, c->client)) {
-            pool_back(d, (int)c->kind, c->idx);
+            pd_pool_back(d, (int)c->kind, c->idx);
             continue;
         }
         d->claims[w++] = *c;
@@ -946,7 +946,7 @@ static void ring_service(pd_t *d, int kind)
             if (taker < PRES_CLIENTS && pd_client_live(d, taker))
                 claim_add(d, kind, i, *rc, taker);
             else
-                pool_back(d, kind, i);
+                pd_pool_back(d, kind, i);
         }
         (*rc)++;
     }
@@ -1045,13 +1045,13 @@ static int adopt_ring(pd_t *d, int kind)
         if (a == PRES_ALLOC_POOLED)
             stack_push(&d->pool[kind], i);
         else if (a == PRES_ALLOC_RETIRED)
-            retire(d, i, kind);
+            pd_retire(d, i, kind);
         else if (a == PRES_ALLOC_FREE && (offered[i] == UINT64_MAX || offered[i] < cons)) {
             uint32_t t = taker[i];
             if (t && t <= PRES_CLIENTS && pres__client_alive(m, t - 1))
                 claim_add(d, kind, i, offered[i], t - 1);
             else
-                pool_back(d, kind, i);
+                pd_pool_back(d, kind, i);
         }
     }
     free(taker);
