@@ -458,6 +458,12 @@ static void init_records(pres_map_t *m)
 
 int pres__region_create(pres_map_t *m, const char *name, const pres_layout_params_t *lp)
 {
+    return pres__region_create_filled(m, name, lp, NULL, NULL);
+}
+
+int pres__region_create_filled(pres_map_t *m, const char *name, const pres_layout_params_t *lp,
+                               int (*fill)(pres_map_t *m, void *ctx), void *ctx)
+{
     char path[PATH_MAX], rpath[PATH_MAX], tmp[PATH_MAX], rtmp[PATH_MAX];
     pres_hdr_t h0;
     int rc, fd = -1, rfd = -1;
@@ -547,6 +553,8 @@ int pres__region_create(pres_map_t *m, const char *name, const pres_layout_param
 
     map_pointers(m);
     init_records(m);
+    if (fill && (rc = fill(m, ctx)) < 0)
+        goto fail;
     pa_store_release(&h->ready, 1);
     /* Publish: readers file first, records file last, each by an atomic
      * rename, so a client that opens the records file finds everything. */

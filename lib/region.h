@@ -513,6 +513,11 @@ int  pres__region_validate(const pres_map_t *m, uint64_t records_size, uint64_t 
 /* Daemon: build a new store under temporary names and publish it by rename.
  * Returns 0 or a negative errno; on success *m maps it read-write. */
 int  pres__region_create(pres_map_t *m, const char *name, const pres_layout_params_t *lp);
+/* The same, calling fill(m, ctx) on the complete, initialised store before
+ * it is published (a rebuild from the mirror): no client can see it half
+ * filled.  A negative return from fill abandons the store and is returned. */
+int  pres__region_create_filled(pres_map_t *m, const char *name, const pres_layout_params_t *lp,
+                                int (*fill)(pres_map_t *m, void *ctx), void *ctx);
 
 /* This process's identity for pid-reuse checks. */
 uint64_t pres__proc_start(int pid);
