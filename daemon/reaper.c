@@ -421,6 +421,8 @@ static void client_gone(pd_t *d, const pd_gone_t *g, size_t n, int dead)
     for (int k = 0; k < PRES_RK_COUNT; k++)
         dead_ring_records(d, g, n, k);
     d->sweep_soon = 1;
+    pd_privacy_deaths(d);
+    pd_typing_deaths(d);
 }
 
 /* Reader slots whose client slot was freed or reused without them being
@@ -517,18 +519,6 @@ static unsigned dev_examine(pd_t *d, uint32_t i, uint64_t nm, uint64_t nw)
     return st;
 }
 
-/* A chain to sweep: its head, how to reach a record's link and generation,
- * which records to unlink and what to do with each one unlinked. */
-typedef struct {
-    uint64_t *head;
-    uint32_t  cap;
-    uint64_t *(*next_of)(pres_map_t *, uint32_t);
-    uint32_t  (*gen_of)(pres_map_t *, uint32_t);
-    int       (*remove)(pd_t *, uint32_t, void *ctx);
-    void      (*removed)(pd_t *, uint32_t, void *ctx);
-    void     *ctx;
-} pd_chain_t;
-
 static uint32_t dev_gen(pres_map_t *m, uint32_t j) { return pa_load(&m->devs[j].gen); }
 static uint32_t user_gen(pres_map_t *m, uint32_t j) { return pa_load(&m->users[j].gen); }
 
@@ -538,7 +528,7 @@ static uint32_t user_gen(pres_map_t *m, uint32_t j) { return pa_load(&m->users[j
  * standing on it walks on.  One walk per chain however many records go.
  * Returns the records kept, or -1 when the chain is damaged or an unlink
  * at the head did not go through (the next pass tries again). */
-static long chain_sweep(pd_t *d, const pd_chain_t *c)
+long pd_chain_sweep(pd_t *d, const pd_chain_t *c)
 {
     pres_map_t *m = &d->m;
     uint64_t *prev = c->head;
@@ -606,9 +596,29 @@ static void dev_chain_pass(pd_t *d, uint64_t b, uint64_t nm, uint64_t nw)
     pd_now_t now = { nm, nw };
     pd_chain_t c = { &m->dev_buckets[b], m->dev_cap, dev_next, dev_gen,
                      dev_hash_remove, dev_hash_removed, &now };
-    if (chain_sweep(d, &c) < 0)
+    if (pd_chain_sweep(d, &c) < 0)
         pd_log(LOG_DEBUG, "device bucket %llu: damaged or contended, again next pass",
                (unsigned long long)b);
+}
+
+/* Retire an empty user, unless a client links a device or sets a policy
+ * meanwhile.  The head goes to RETIRING first, where clients still find
+ * the user; then, after a full fence, the privacy word is read: a policy
+ * set in between is seen here, or its writer sees RETIRING and undoes it
+ * (lib/policy.c: user_stays, the other half of this handshake).  Only
+ * then RETIRED, by a CAS that fails if a client undid RETIRING. */
+static int user_retire(pres_user_t *r, uint32_t u)
+{
+    uint64_t dh = PRES_LINK_NULLS(u);
+    if (!pa_cas(&r->dhead, &dh, PRES_LINK_RETIRING))
+        return 0;                    /* a device was linked meanwhile */
+    pa_fence();
+    dh = PRES_LINK_RETIRING;
+    if (pa_load(&r->privacy) != 0) {
+        pa_cas(&r->dhead, &dh, PRES_LINK_NULLS(u));
+        return 0;
+    }
+    return pa_cas(&r->dhead, &dh, PRES_LINK_RETIRED);
 }
 
 /* Sweep a user's device list of its DEAD devices, then decide on the user:
@@ -623,9 +633,14 @@ static int user_remove(pd_t *d, uint32_t u, void *ctx)
     uint64_t dh = pa_load_acquire(&r->dhead);
     if (dh == PRES_LINK_RETIRED)
         return 1;
+    if (dh == PRES_LINK_RETIRING) {
+        /* A daemon killed half-way through retiring it: start over. */
+        pa_cas(&r->dhead, &dh, PRES_LINK_NULLS(u));
+        return 0;
+    }
     pd_chain_t c = { &r->dhead, m->dev_cap, dev_unext, dev_gen,
                      dev_list_remove, dev_list_removed, NULL };
-    long n = chain_sweep(d, &c);
+    long n = pd_chain_sweep(d, &c);
     dh = pa_load_acquire(&r->dhead);
     if (n != 0 || dh != PRES_LINK_NULLS(u) || pa_load(&r->privacy) != 0) {
         d->user_empty[u] = 0;
@@ -635,8 +650,8 @@ static int user_remove(pd_t *d, uint32_t u, void *ctx)
         d->user_empty[u] = 1;
         return 0;
     }
-    if (!pa_cas(&r->dhead, &dh, PRES_LINK_RETIRED))
-        return 0;                    /* a device was linked meanwhile */
+    if (!user_retire(r, u))
+        return 0;
     pa_add_relaxed(&m->hdr->dc.users_gone, 1);
     return 1;
 }
@@ -654,7 +669,7 @@ static void user_chain_pass(pd_t *d, uint64_t b)
     pres_map_t *m = &d->m;
     pd_chain_t c = { &m->user_buckets[b], m->user_cap, user_next, user_gen,
                      user_remove, user_removed, NULL };
-    long kept = chain_sweep(d, &c);
+    long kept = pd_chain_sweep(d, &c);
     if (kept < 0)
         pd_log(LOG_DEBUG, "user bucket %llu: damaged or contended, again next pass",
                (unsigned long long)b);
@@ -817,6 +832,10 @@ static void free_record(pd_t *d, const pd_retired_t *e)
     switch (e->kind) {
     case PRES_RK_USER:
         gen = &m->users[e->idx].gen;
+        pd_privacy_user_freed(d, e->idx);
+        break;
+    case PRES_RK_EXC:
+        pd_privacy_exc_freed(d, e->idx);
         break;
     case PRES_RK_DEV:
         gen = &m->devs[e->idx].gen;
@@ -1000,6 +1019,8 @@ void pd_tick(pd_t *d)
         d->sweep_soon = 0;
         table_sweep(d);
     }
+    pd_privacy_tick(d, nm);
+    pd_typing_tick(d, nm);
     grace_periods(d, nm);
     claims_check(d);
     for (int k = 0; k < PRES_RK_COUNT; k++)
@@ -1083,6 +1104,8 @@ int pd_adopt(pd_t *d)
     for (int k = 0; k < PRES_RK_COUNT; k++)
         if ((rc = adopt_ring(d, k)) < 0)
             return rc;
+    if ((rc = pd_privacy_init(d)) < 0 || (rc = pd_typing_init(d)) < 0)
+        return rc;
     return 0;
 }
 
@@ -1104,6 +1127,8 @@ void pd_shutdown(pd_t *d)
     free(d->gw_pending);
     free(d->claims);
     free(d->nb);
+    pd_privacy_fini(d);
+    pd_typing_fini(d);
     for (int k = 0; k < PRES_RK_COUNT; k++) {
         free(d->offered[k]);
         free(d->pool[k].v);
