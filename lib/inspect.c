@@ -408,6 +408,9 @@ static void check_policies(chk_t *c, const pres_map_t *m)
         check_policy(c, m, u, c->user_in_hash[u]);
     }
     uint64_t held = 0, flight = 0, retired = 0, nfree = 0;
+    /* The ring just before the records: a record the daemon offers in
+     * between (pooled, then free) would look leaked. */
+    check_ring(c, m, PRES_RK_EXC);
     for (uint32_t i = 0; i < m->exc_cap; i++) {
         uint64_t a = pa_load(&m->excs[i].alloc);
         if (c->exc_in_ring[i] || a == PRES_ALLOC_POOLED) {
@@ -477,6 +480,7 @@ static void check_typ_chains(chk_t *c, const pres_map_t *m)
     next:;
     }
     uint64_t linked = 0, nfree = 0, retired = 0, flight = 0;
+    check_ring(c, m, PRES_RK_TYP);       /* just before the records, as above */
     for (uint32_t i = 0; i < m->typ_cap; i++) {
         uint64_t a = pa_load(&m->typs[i].alloc);
         if (c->typ_in_ring[i] || a == PRES_ALLOC_POOLED) {
@@ -559,8 +563,8 @@ static long check_pass(pres_t *p, FILE *out, int verbose, int quiet)
          (unsigned long long)(m->dev_mask + 1));
     check_user_chains(&c, m);
     note(&c, "user index and device lists: bounded, each device in its own user's list");
-    for (int k = 0; k < PRES_RK_COUNT; k++)
-        check_ring(&c, m, k);
+    check_ring(&c, m, PRES_RK_DEV);
+    check_ring(&c, m, PRES_RK_USER);
     check_records(&c, m);
     check_policies(&c, m);
     check_typ_chains(&c, m);

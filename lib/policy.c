@@ -153,7 +153,12 @@ static void block_give_back(pres_t *p, const block_t *b, uint32_t u)
 
 static int block_take(pres_t *p, block_t *b, size_t need, uint32_t u)
 {
-    for (b->n = 0; b->n < need; b->n++) {
+    b->n = 0;
+    /* Plainly too few: refuse before taking, rather than take what there
+     * is and hold it from others for a grace period. */
+    if (need && pres__alloc_avail(p, PRES_RK_EXC) < need)
+        return -ENOSPC;
+    for (; b->n < need; b->n++) {
         int rc = pres__alloc_take(p, PRES_RK_EXC, &b->idx[b->n]);
         if (rc < 0) {
             block_give_back(p, b, u);

@@ -113,6 +113,8 @@ static inline uint64_t pres__wall_of(const pres_map_t *m, uint64_t mono)
 /* ---- allocation (alloc.c) ------------------------------------------------ */
 
 PRES_HIDDEN int pres__alloc_take(pres_t *p, int kind, uint32_t *idx);
+/* Records of a kind offered now (a moment's figure: others take too). */
+PRES_HIDDEN uint64_t pres__alloc_avail(const pres_t *p, int kind);
 
 /* ---- change notes (notes.c) and the change feed (events.c) --------------- */
 
