@@ -337,7 +337,7 @@ static int typer(void *arg)
         W_ERR("open failed");
         return 1;
     }
-    char gw[16], user[16], dev[2][16], conv[16];
+    char gw[32], user[32], dev[2][32], conv[32];
     snprintf(gw, sizeof gw, "tgw%d", k);
     snprintf(user, sizeof user, "tw%d", k);
     for (int d = 0; d < 2; d++)

@@ -129,7 +129,7 @@ static void *typer(void *arg)
 {
     int k = (int)(intptr_t)arg;
     uint64_t seed = 1234 + (uint64_t)k;
-    char dev[2][16], conv[16], user[16];
+    char dev[2][32], conv[32], user[32];
     snprintf(user, sizeof user, "mt_u%d", k);
     for (int d = 0; d < 2; d++)
         snprintf(dev[d], sizeof dev[d], "mt_u%d_d%d", k, d);
