@@ -10,11 +10,12 @@
  *      records from their chain (one walk per chain, never one walk per
  *      record), count what is held and connected;
  *   4. the user index, a chunk of buckets a tick: unlink DEAD devices from
- *      each user's list, retire users left without devices;
+ *      each user's list, retire users left without devices or policy;
  *   5. a record-table sweep every few seconds for what no chain reaches
  *      (records a client abandoned half-linked);
- *   6. grace periods: advance the epoch, free what every reader passed;
- *   7. rings: take back records handed out and never claimed by a client
+ *   6. privacy exception entries and typing records (privacy.c, typing.c);
+ *   7. grace periods: advance the epoch, free what every reader passed;
+ *   8. rings: take back records handed out and never claimed by a client
  *      that died, and offer free records again.
  *
  * A device record is retired once it is out of both its hash chain and its
