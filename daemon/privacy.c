@@ -106,12 +106,14 @@ int pd_privacy_init(pd_t *d)
     pv->cand_was = calloc(m->exc_cap, sizeof *pv->cand_was);
     if (!pv->flag || !pv->mark || !pv->cand || !pv->cand_was)
         return -ENOMEM;
-    /* Adopting: what was RETIRED is already waiting for a grace period
-     * (pd_adopt); anything else may be what a client killed before we
-     * started left: the first pass looks at all of it. */
-    for (uint32_t i = 0; i < m->exc_cap; i++)
-        if (pa_load(&m->excs[i].alloc) == PRES_ALLOC_RETIRED)
-            pv->flag[i] |= F_RETIRING;
+    /* What pd_adopt found RETIRED already waits for a grace period: those
+     * entries exactly (clients may be retiring more meanwhile: the store
+     * is usable before the daemon is done adopting it).  Anything else
+     * may be what a client killed before we started left: the first pass
+     * looks at all of it. */
+    for (size_t k = 0; k < d->ret_n; k++)
+        if (d->ret[k].kind == PRES_RK_EXC)
+            pv->flag[d->ret[k].idx] |= F_RETIRING;
     pv->pos = UINT64_MAX;
     pv->want = pv->want_all = 1;
     pv->lost_seen = pa_load(&m->hdr->dc.notes_lost);

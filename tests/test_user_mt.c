@@ -250,10 +250,15 @@ static void test_threads(void **state)
             assert_true(rc == 0 || rc == -ENOENT);
         }
     struct in_use_arg a = { .p = g_ro };
-    if (!th_wait_until(back_to_one_policy, &a, 8000))
+    if (!th_wait_until(back_to_one_policy, &a, 8000)) {
+        static char out[65536];
+        th_ctl(&g_store, out, sizeof out, (const char *const[]){ "check", "--verbose", NULL });
+        fprintf(stderr, "%s", out);
+        th_store_dump_log(&g_store);
         fail_msg("%llu exception entries, %llu typing records still in use",
                  (unsigned long long)a.in.exceptions_in_use,
                  (unsigned long long)a.in.typing_in_use);
+    }
     pres_close(g_ro);
     pres_close(g_rw);
     th_store_destroy(&g_store);
