@@ -108,6 +108,9 @@ int  pd_adopt(pd_t *d);
 void pd_retire(pd_t *d, uint32_t idx, int kind);
 /* Put a free record of a kind back in the pool the rings are refilled from. */
 void pd_pool_back(pd_t *d, int kind, uint32_t i);
+/* Records of a kind neither offered nor pooled (linked, being written,
+ * retired): 0 when the kind is all free. */
+uint64_t pd_in_use(const pd_t *d, int kind);
 /* Is the thread whose latch value this is still alive (kernel's verdict)? */
 int  pd_latch_live(const pd_t *d, unsigned latch);
 void pd_tick(pd_t *d);

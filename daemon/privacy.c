@@ -246,7 +246,7 @@ void pd_privacy_tick(pd_t *d, uint64_t nm)
         pv->lost_seen = lost;         /* a policy changed unseen */
         pv->want = pv->want_all = 1;
     }
-    if (nm - pv->last_pass >= BACKSTOP_MS)
+    if (nm - pv->last_pass >= BACKSTOP_MS && pd_in_use(d, PRES_RK_EXC))
         pv->want = 1;
     if (pv->pos == UINT64_MAX) {
         if (!pv->want)

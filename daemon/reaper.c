@@ -88,6 +88,14 @@ void pd_pool_back(pd_t *d, int kind, uint32_t i)
     stack_push(&d->pool[kind], i);
 }
 
+uint64_t pd_in_use(const pd_t *d, int kind)
+{
+    const pres_hdr_t *h = d->m.hdr;
+    /* prod is ours and cons never passes it: no underflow. */
+    uint64_t idle = pa_load(&h->prod[kind]) - pa_load(&h->ring[kind].cons) + d->pool[kind].n;
+    return idle >= d->m.rcap[kind] ? 0 : d->m.rcap[kind] - idle;
+}
+
 static const char *const kind_name[PRES_RK_COUNT] = {
     "device", "user", "exception", "typing",
 };

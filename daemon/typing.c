@@ -165,6 +165,10 @@ void pd_typing_tick(pd_t *d, uint64_t nm)
     pres_map_t *m = &d->m;
     pd_typing_t *ty = d->ty;
     uint64_t buckets = m->typ_mask + 1;
+    /* Nobody typing and nothing to free: no pass (a million devices'
+     * half million empty chains a second is not free). */
+    if (ty->pos == 0 && !ty->sweep_soon && pd_in_use(d, PRES_RK_TYP) == 0)
+        return;
     uint64_t chunk = buckets <= SMALL_INDEX ? buckets : (buckets + PASS_TICKS - 1) / PASS_TICKS;
     uint64_t end = ty->pos + chunk < buckets ? ty->pos + chunk : buckets;
     for (uint64_t b = ty->pos; b < end; b++) {
