@@ -749,6 +749,52 @@ static void test_exceptions_capacity(void **state)
     own_store_done(p);
 }
 
+/* Policies live in the store: a restarted daemon adopts them as they are
+ * (lists, frozen time), and frees what they held once replaced. */
+struct exc_arg { pres_t *p; uint64_t max, now; };
+
+static int exceptions_at_most(void *arg)
+{
+    struct exc_arg *a = arg;
+    pres_inspect_info_t in;
+    if (pres__inspect_info(a->p, &in) != 0)
+        return 0;
+    a->now = in.exceptions_in_use;
+    return in.exceptions_in_use <= a->max;
+}
+
+static void test_policy_survives_restart(void **state)
+{
+    (void)state;
+    pres_t *p = own_store(NULL, "0", "4096");
+    assert_rc(pres_connect(p, "rs_u", "rs_d", "gw_rs", LONG_TTL, NULL), 0);
+    const char *deny[] = { "rs_foe", "rs_other" };
+    pres_privacy_t pol = policy(PRES_CONTACTS, PRES_EVERYONE);
+    pol.deny = deny;
+    pol.n_deny = 2;
+    pol.invisible = 1;
+    set_policy(p, "rs_u", &pol);
+    pres_user_view_t before = view_as(p, "rs_u", "rs_friend", 1);
+    assert_int_equal(th_daemon_stop(&T), 0);
+    assert_int_equal(th_daemon_start(&T, (const char *const[]){ "--capacity", "4096",
+                                          "--offline-grace-ms", "0", "--exceptions",
+                                          "4096", NULL }), 0);
+    pres_user_view_t after = view_as(p, "rs_u", "rs_friend", 1);
+    assert_int_equal(after.status, PRES_OFFLINE);
+    assert_int_equal(after.seen, PRES_SEEN_EXACT);
+    assert_int_equal(after.last_seen_ms, before.last_seen_ms);
+    expect_view(p, "rs_u", "rs_foe", 1, PRES_OFFLINE, PRES_SEEN_HIDDEN, 0);
+    assert_int_equal(th_check_ok(&T, "after the restart"), 0);
+    /* The adopted block is the new daemon's to free once replaced. */
+    pres_privacy_t plain = policy(PRES_EVERYONE, PRES_EVERYONE);
+    set_policy(p, "rs_u", &plain);
+    struct exc_arg a = { p, 0, 0 };
+    if (!th_wait_until(exceptions_at_most, &a, WAIT_MS))
+        fail_msg("%llu exception entries still in use", (unsigned long long)a.now);
+    expect_view(p, "rs_u", "rs_foe", 1, PRES_ACTIVE_NOW, PRES_SEEN_EXACT, 1);
+    own_store_done(p);
+}
+
 /* ------------------------------------------------------------------------ */
 /* Typing                                                                    */
 
@@ -978,6 +1024,7 @@ int main(void)
         cmocka_unit_test(test_user_errors),
         cmocka_unit_test(test_set_privacy_errors),
         cmocka_unit_test_teardown(test_exceptions_capacity, test_teardown),
+        cmocka_unit_test_teardown(test_policy_survives_restart, test_teardown),
         cmocka_unit_test(test_typing_list),
         cmocka_unit_test(test_typing_ttl_and_extend),
         cmocka_unit_test(test_typing_moves),
