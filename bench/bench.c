@@ -6,7 +6,9 @@
  * DESIGN.md "Performance targets" (1,000,000 devices of 500,000 users on 16
  * gateways) and measures, in the same run:
  *
- *   libpresence   pres_device, pres_route, pres_heartbeat, pres_heartbeat_ref,
+ *   libpresence   pres_device, pres_route, pres_user (the system's view, and
+ *                 a viewer against a 64-entry deny list), pres_heartbeat,
+ *                 pres_heartbeat_ref,
  *                 pres_connect of new devices, reads while a writer process
  *                 storms the other core, reads in two processes at once;
  *   baselines     a dependent random DRAM load over 256 MiB (alternating
@@ -78,6 +80,9 @@
                                       fits the capacity left over            */
 #define W_USERS        8192u
 #define HB_STEADY      33000u      /* DESIGN.md: 1 M devices, 30 s period */
+#define DENY_USERS     4000u       /* users with a 64-entry deny list: 65
+                                      exception entries each, 260,000 of the
+                                      default 262,144 */
 #define STEADY_S       5u          /* long enough for a few daemon passes */
 #define DRAM_BYTES     ((size_t)256 << 20)
 #define LINE           64u
@@ -694,6 +699,63 @@ static double b_route(bctx_t *c)
     c->routed = (double)sum / (double)c->n;
     g_sink += sum;
     return (double)t0 / (double)c->n;
+}
+
+/* The system's view: the aggregate of the user's devices, no privacy. */
+static double b_user_sys(bctx_t *c)
+{
+    pres_user_view_t v;
+    uint64_t sum = 0, t0 = now_ns();
+
+    for (size_t k = 0, j = c->off; k < c->n; k++, j = (j + 1) % N_DEV) {
+        int rc = pres_user(c->rd, c->d->user_rand[j].s, NULL, &v);
+        if (rc < 0)
+            check(rc, "pres_user", c->d->user_rand[j].s);
+        sum += v.devices;
+    }
+    g_sink += sum;
+    return (double)(now_ns() - t0) / (double)c->n;
+}
+
+/* A viewer who is not on the user's 64-entry deny list: the whole list is
+ * read, then the viewer's own policy looked up. */
+static double b_user_deny(bctx_t *c)
+{
+    static const pres_viewer_t viewer = { "bench_viewer", 0 };
+    pres_user_view_t v;
+    uint64_t sum = 0, t0 = now_ns();
+
+    for (size_t k = 0, j = c->off; k < c->n; k++, j = (j + 1) % N_DEV) {
+        const char *u = c->d->user[(c->d->perm[j] / 2) % DENY_USERS].s;
+        int rc = pres_user(c->rd, u, &viewer, &v);
+        if (rc < 0)
+            check(rc, "pres_user", u);
+        sum += v.devices;
+    }
+    g_sink += sum;
+    return (double)(now_ns() - t0) / (double)c->n;
+}
+
+/* The first DENY_USERS users deny 64 others, never the bench's viewer. */
+static void set_deny_lists(pres_t *w, const data_t *d)
+{
+    static id16_t ids[64];
+    const char *deny[64];
+    pres_privacy_t pol = { .last_seen = PRES_EVERYONE, .online = PRES_EVERYONE,
+                           .deny = deny, .n_deny = 64 };
+    pres_user_view_t v;
+    const pres_viewer_t viewer = { "bench_viewer", 0 };
+
+    for (int k = 0; k < 64; k++) {
+        snprintf(ids[k].s, sizeof ids[k].s, "x_%010d", k);
+        deny[k] = ids[k].s;
+    }
+    for (uint32_t i = 0; i < DENY_USERS; i++)
+        check(pres_set_privacy(w, d->user[i].s, &pol), "pres_set_privacy", d->user[i].s);
+    check(pres_user(w, d->user[0].s, &viewer, &v), "pres_user", d->user[0].s);
+    if (v.devices != 2 || v.seen != PRES_SEEN_EXACT)
+        die("pres_user(%s) as bench_viewer: %u devices, seen %d; expected 2, exact",
+            d->user[0].s, v.devices, v.seen);
 }
 
 static double b_heartbeat(bctx_t *c)
@@ -1418,7 +1480,7 @@ static void print_machine(void)
 
 typedef struct {
     row_t dram, lget, lget_txn, lput, lfht;
-    row_t dev, route, hb, hbref, conn_lo, conn_hi;
+    row_t dev, route, user_sys, user_deny, hb, hbref, conn_lo, conn_hi;
     double routed;
     scaling_t sc;
     interference_t in;
@@ -1431,7 +1493,8 @@ typedef struct {
 static void print_report(results_t *R)
 {
     const row_t *rows[] = { &R->dram, &R->lfht, &R->lget, &R->lget_txn,
-                            &R->lput, &R->dev, &R->route, &R->hb, &R->hbref,
+                            &R->lput, &R->dev, &R->route, &R->user_sys,
+                            &R->user_deny, &R->hb, &R->hbref,
                             &R->conn_lo, &R->conn_hi };
     double s1 = quantile(R->sc.one, REPS, 0.5);
     double s2 = quantile(R->sc.two, REPS, 0.5);
@@ -1508,6 +1571,10 @@ static void print_report(results_t *R)
            "a 2-core VM: DRAM ~270 ns, mdb_get ~1050 ns, cds_lfht ~620 ns, "
            "mdb_put ~1.9 µs.  Durable LMDB puts are not measured.)\n",
            R->routed);
+    printf("(pres_user: the system view %.2fx pres_route; a viewer against a "
+           "64-entry deny list %.2fx pres_route, over %u users with such a list, "
+           "the viewer on none of them)\n", R->user_sys.med / R->route.med,
+           R->user_deny.med / R->route.med, DENY_USERS);
 }
 
 static void run_store_benchmarks(pres_t *rd, pres_t *wr, data_t *d,
@@ -1543,12 +1610,15 @@ static void run_store_benchmarks(pres_t *rd, pres_t *wr, data_t *d,
     printf("  presenced at steady state (1 M devices, %u heartbeats/s): "
            "%.1f %% of a core\n", HB_STEADY, R->daemon_pct);
 
-    printf("measuring pres_device (beside the DRAM load), pres_route, "
+    printf("measuring pres_device (beside the DRAM load), pres_route, pres_user, "
            "pres_heartbeat, pres_heartbeat_ref...\n");
     fflush(stdout);
     R->dev_dram = measure_vs_dram(&R->dev, &R->dram, ch, &c);
     measure(&R->route, "pres_route, random user", b_route, &c);
     R->routed = c.routed;
+    measure(&R->user_sys, "pres_user, system view, random user", b_user_sys, &c);
+    set_deny_lists(wr, d);
+    measure(&R->user_deny, "pres_user, viewer vs 64-entry deny list", b_user_deny, &c);
     measure(&R->hb, "pres_heartbeat by id", b_heartbeat, &c);
     measure(&R->hbref, "pres_heartbeat_ref", b_heartbeat_ref, &c);
     settle(rd, 30000);

@@ -93,6 +93,8 @@ typedef struct {
     uint64_t       note_tail;             /* next position to read */
     uint64_t       note_wait;             /* unwritten position seen last tick */
     unsigned       resync;                /* PD_RESYNC_*: sweeps owed */
+    struct pd_privacy *pv;                /* privacy.c */
+    struct pd_typing  *ty;                /* typing.c */
 } pd_t;
 
 void pd_log(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -106,10 +108,44 @@ int  pd_adopt(pd_t *d);
 void pd_retire(pd_t *d, uint32_t idx, int kind);
 /* Put a free record of a kind back in the pool the rings are refilled from. */
 void pd_pool_back(pd_t *d, int kind, uint32_t i);
+/* Records of a kind neither offered nor pooled (linked, being written,
+ * retired): 0 when the kind is all free. */
+uint64_t pd_in_use(const pd_t *d, int kind);
 /* Is the thread whose latch value this is still alive (kernel's verdict)? */
 int  pd_latch_live(const pd_t *d, unsigned latch);
 void pd_tick(pd_t *d);
 void pd_shutdown(pd_t *d);
+
+/* A chain to sweep: its head, how to reach a record's link and generation,
+ * which records to unlink and what to do with each one unlinked. */
+typedef struct {
+    uint64_t *head;
+    uint32_t  cap;
+    uint64_t *(*next_of)(pres_map_t *, uint32_t);
+    uint32_t  (*gen_of)(pres_map_t *, uint32_t);
+    int       (*remove)(pd_t *, uint32_t, void *ctx);
+    void      (*removed)(pd_t *, uint32_t, void *ctx);
+    void     *ctx;
+} pd_chain_t;
+
+/* Walk a chain once, unlinking the records `remove` picks (see reaper.c).
+ * Returns the records kept, or -1 (damaged, or a head unlink that did not
+ * go through: the next pass tries again). */
+long pd_chain_sweep(pd_t *d, const pd_chain_t *c);
+
+/* privacy.c: exception entries of replaced policies and of dead writers. */
+int  pd_privacy_init(pd_t *d);
+void pd_privacy_tick(pd_t *d, uint64_t now_mono);
+void pd_privacy_deaths(pd_t *d);                  /* clients died */
+void pd_privacy_user_freed(pd_t *d, uint32_t u);  /* user record u freed */
+void pd_privacy_exc_freed(pd_t *d, uint32_t i);   /* entry i freed */
+void pd_privacy_fini(pd_t *d);
+
+/* typing.c: typing records ended, expired, superseded or abandoned. */
+int  pd_typing_init(pd_t *d);
+void pd_typing_tick(pd_t *d, uint64_t now_mono);
+void pd_typing_deaths(pd_t *d);                   /* clients died */
+void pd_typing_fini(pd_t *d);
 
 /* notes.c: read the notes written since the last call into d->nb; sets
  * d->resync when some were lost. */

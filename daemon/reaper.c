@@ -10,11 +10,12 @@
  *      records from their chain (one walk per chain, never one walk per
  *      record), count what is held and connected;
  *   4. the user index, a chunk of buckets a tick: unlink DEAD devices from
- *      each user's list, retire users left without devices;
+ *      each user's list, retire users left without devices or policy;
  *   5. a record-table sweep every few seconds for what no chain reaches
  *      (records a client abandoned half-linked);
- *   6. grace periods: advance the epoch, free what every reader passed;
- *   7. rings: take back records handed out and never claimed by a client
+ *   6. privacy exception entries and typing records (privacy.c, typing.c);
+ *   7. grace periods: advance the epoch, free what every reader passed;
+ *   8. rings: take back records handed out and never claimed by a client
  *      that died, and offer free records again.
  *
  * A device record is retired once it is out of both its hash chain and its
@@ -85,6 +86,14 @@ void pd_pool_back(pd_t *d, int kind, uint32_t i)
 {
     pa_store(pres__alloc_word(&d->m, kind, i), PRES_ALLOC_POOLED);
     stack_push(&d->pool[kind], i);
+}
+
+uint64_t pd_in_use(const pd_t *d, int kind)
+{
+    const pres_hdr_t *h = d->m.hdr;
+    /* prod is ours and cons never passes it: no underflow. */
+    uint64_t idle = pa_load(&h->prod[kind]) - pa_load(&h->ring[kind].cons) + d->pool[kind].n;
+    return idle >= d->m.rcap[kind] ? 0 : d->m.rcap[kind] - idle;
 }
 
 static const char *const kind_name[PRES_RK_COUNT] = {
@@ -421,6 +430,8 @@ static void client_gone(pd_t *d, const pd_gone_t *g, size_t n, int dead)
     for (int k = 0; k < PRES_RK_COUNT; k++)
         dead_ring_records(d, g, n, k);
     d->sweep_soon = 1;
+    pd_privacy_deaths(d);
+    pd_typing_deaths(d);
 }
 
 /* Reader slots whose client slot was freed or reused without them being
@@ -517,18 +528,6 @@ static unsigned dev_examine(pd_t *d, uint32_t i, uint64_t nm, uint64_t nw)
     return st;
 }
 
-/* A chain to sweep: its head, how to reach a record's link and generation,
- * which records to unlink and what to do with each one unlinked. */
-typedef struct {
-    uint64_t *head;
-    uint32_t  cap;
-    uint64_t *(*next_of)(pres_map_t *, uint32_t);
-    uint32_t  (*gen_of)(pres_map_t *, uint32_t);
-    int       (*remove)(pd_t *, uint32_t, void *ctx);
-    void      (*removed)(pd_t *, uint32_t, void *ctx);
-    void     *ctx;
-} pd_chain_t;
-
 static uint32_t dev_gen(pres_map_t *m, uint32_t j) { return pa_load(&m->devs[j].gen); }
 static uint32_t user_gen(pres_map_t *m, uint32_t j) { return pa_load(&m->users[j].gen); }
 
@@ -538,7 +537,7 @@ static uint32_t user_gen(pres_map_t *m, uint32_t j) { return pa_load(&m->users[j
  * standing on it walks on.  One walk per chain however many records go.
  * Returns the records kept, or -1 when the chain is damaged or an unlink
  * at the head did not go through (the next pass tries again). */
-static long chain_sweep(pd_t *d, const pd_chain_t *c)
+long pd_chain_sweep(pd_t *d, const pd_chain_t *c)
 {
     pres_map_t *m = &d->m;
     uint64_t *prev = c->head;
@@ -606,9 +605,29 @@ static void dev_chain_pass(pd_t *d, uint64_t b, uint64_t nm, uint64_t nw)
     pd_now_t now = { nm, nw };
     pd_chain_t c = { &m->dev_buckets[b], m->dev_cap, dev_next, dev_gen,
                      dev_hash_remove, dev_hash_removed, &now };
-    if (chain_sweep(d, &c) < 0)
+    if (pd_chain_sweep(d, &c) < 0)
         pd_log(LOG_DEBUG, "device bucket %llu: damaged or contended, again next pass",
                (unsigned long long)b);
+}
+
+/* Retire an empty user, unless a client links a device or sets a policy
+ * meanwhile.  The head goes to RETIRING first, where clients still find
+ * the user; then, after a full fence, the privacy word is read: a policy
+ * set in between is seen here, or its writer sees RETIRING and undoes it
+ * (lib/policy.c: user_stays, the other half of this handshake).  Only
+ * then RETIRED, by a CAS that fails if a client undid RETIRING. */
+static int user_retire(pres_user_t *r, uint32_t u)
+{
+    uint64_t dh = PRES_LINK_NULLS(u);
+    if (!pa_cas(&r->dhead, &dh, PRES_LINK_RETIRING))
+        return 0;                    /* a device was linked meanwhile */
+    pa_fence();
+    dh = PRES_LINK_RETIRING;
+    if (pa_load(&r->privacy) != 0) {
+        pa_cas(&r->dhead, &dh, PRES_LINK_NULLS(u));
+        return 0;
+    }
+    return pa_cas(&r->dhead, &dh, PRES_LINK_RETIRED);
 }
 
 /* Sweep a user's device list of its DEAD devices, then decide on the user:
@@ -623,9 +642,14 @@ static int user_remove(pd_t *d, uint32_t u, void *ctx)
     uint64_t dh = pa_load_acquire(&r->dhead);
     if (dh == PRES_LINK_RETIRED)
         return 1;
+    if (dh == PRES_LINK_RETIRING) {
+        /* A daemon killed half-way through retiring it: start over. */
+        pa_cas(&r->dhead, &dh, PRES_LINK_NULLS(u));
+        return 0;
+    }
     pd_chain_t c = { &r->dhead, m->dev_cap, dev_unext, dev_gen,
                      dev_list_remove, dev_list_removed, NULL };
-    long n = chain_sweep(d, &c);
+    long n = pd_chain_sweep(d, &c);
     dh = pa_load_acquire(&r->dhead);
     if (n != 0 || dh != PRES_LINK_NULLS(u) || pa_load(&r->privacy) != 0) {
         d->user_empty[u] = 0;
@@ -635,8 +659,8 @@ static int user_remove(pd_t *d, uint32_t u, void *ctx)
         d->user_empty[u] = 1;
         return 0;
     }
-    if (!pa_cas(&r->dhead, &dh, PRES_LINK_RETIRED))
-        return 0;                    /* a device was linked meanwhile */
+    if (!user_retire(r, u))
+        return 0;
     pa_add_relaxed(&m->hdr->dc.users_gone, 1);
     return 1;
 }
@@ -654,7 +678,7 @@ static void user_chain_pass(pd_t *d, uint64_t b)
     pres_map_t *m = &d->m;
     pd_chain_t c = { &m->user_buckets[b], m->user_cap, user_next, user_gen,
                      user_remove, user_removed, NULL };
-    long kept = chain_sweep(d, &c);
+    long kept = pd_chain_sweep(d, &c);
     if (kept < 0)
         pd_log(LOG_DEBUG, "user bucket %llu: damaged or contended, again next pass",
                (unsigned long long)b);
@@ -817,6 +841,10 @@ static void free_record(pd_t *d, const pd_retired_t *e)
     switch (e->kind) {
     case PRES_RK_USER:
         gen = &m->users[e->idx].gen;
+        pd_privacy_user_freed(d, e->idx);
+        break;
+    case PRES_RK_EXC:
+        pd_privacy_exc_freed(d, e->idx);
         break;
     case PRES_RK_DEV:
         gen = &m->devs[e->idx].gen;
@@ -1000,6 +1028,8 @@ void pd_tick(pd_t *d)
         d->sweep_soon = 0;
         table_sweep(d);
     }
+    pd_privacy_tick(d, nm);
+    pd_typing_tick(d, nm);
     grace_periods(d, nm);
     claims_check(d);
     for (int k = 0; k < PRES_RK_COUNT; k++)
@@ -1083,6 +1113,8 @@ int pd_adopt(pd_t *d)
     for (int k = 0; k < PRES_RK_COUNT; k++)
         if ((rc = adopt_ring(d, k)) < 0)
             return rc;
+    if ((rc = pd_privacy_init(d)) < 0 || (rc = pd_typing_init(d)) < 0)
+        return rc;
     return 0;
 }
 
@@ -1104,6 +1136,8 @@ void pd_shutdown(pd_t *d)
     free(d->gw_pending);
     free(d->claims);
     free(d->nb);
+    pd_privacy_fini(d);
+    pd_typing_fini(d);
     for (int k = 0; k < PRES_RK_COUNT; k++) {
         free(d->offered[k]);
         free(d->pool[k].v);

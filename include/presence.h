@@ -204,6 +204,8 @@ PRES_API int pres_report_stale(pres_t *p, const char *device_id);
  * the TTL only extends it (no event).
  * @return 0; -ENOENT device not connected; -EINVAL; -ENAMETOOLONG; -EROFS;
  *         -ENOSPC no typing record free.
+ * Cost: a device lookup and a CAS for a repeat; a new record and three
+ * CASes for a start or a move.  Lock-free.
  */
 PRES_API int pres_typing(pres_t *p, const char *device_id,
                          const char *conversation_id, uint32_t ttl_ms);
@@ -266,9 +268,12 @@ typedef struct {
  * Replace user_id's privacy policy (creating the user if the store has not
  * seen them).  Readers see the old policy or the new one, never a mix.
  * @return 0; -EINVAL bad enum value, online narrower than last_seen, a NULL
- *         or empty id; -ENAMETOOLONG; -E2BIG a list longer than
- *         PRES_EXCEPTIONS_MAX; -ENOSPC exception or user capacity; -EROFS.
- *         On error the old policy stays.
+ *         or empty id, a NULL list with a nonzero length; -ENAMETOOLONG;
+ *         -E2BIG a list longer than PRES_EXCEPTIONS_MAX; -ENOSPC exception
+ *         or user capacity; -EROFS; -EPROTO damaged store.  On error the
+ *         old policy stays.
+ * Cost: one entry per listed id (plus one, with lists or invisible) taken
+ * and written, then one CAS.  The caller keeps ownership of pol.
  */
 PRES_API int pres_set_privacy(pres_t *p, const char *user_id, const pres_privacy_t *pol);
 

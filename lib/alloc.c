@@ -62,3 +62,10 @@ int pres__alloc_take(pres_t *p, int kind, uint32_t *idx)
     }
     return -EPROTO;
 }
+
+uint64_t pres__alloc_avail(const pres_t *p, int kind)
+{
+    const pres_hdr_t *h = p->m.hdr;
+    uint64_t c = pa_load(&h->ring[kind].cons), pr = pa_load(&h->prod[kind]);
+    return pr > c ? pr - c : 0;
+}

@@ -322,7 +322,13 @@ static int reconnect(pres_t *p, pres_rs_t *t, uint32_t i, uint32_t gwi, uint32_t
     *cid = (pa_load(&d->cid[k]) + 1) & REF_CID_MASK;
     conn_write(d, k ^ 1, &c, ttl, *cid);
     pa_store(&d->activity, nm);
-    return latch_publish(t, d, nm + ttl, PRES_DS_CONNECTED);
+    /* Typing belongs to the connection it was typed on: the new one starts
+     * without.  A CAS, so that typing on the new connection since the
+     * publish stays (lib/typing.c also checks the connection's start). */
+    uint64_t typing = pa_load_acquire(&d->typing);
+    if ((rc = latch_publish(t, d, nm + ttl, PRES_DS_CONNECTED)) == 0 && typing)
+        pa_cas(&d->typing, &typing, 0);
+    return rc;
 }
 
 /* A record that will never be published: DEAD, latch dropped, for the
@@ -342,6 +348,12 @@ static int link_user(pres_t *p, uint32_t i, uint32_t *u, const char *user, size_
     uint64_t link = PRES_LINK(i, pa_load(&d->gen));
     for (int r = 0; r < 1 << 16; r++) {
         uint64_t head = pa_load_acquire(&m->users[*u].dhead);
+        if (head == PRES_LINK_RETIRING) {
+            /* The daemon is retiring the user: stop it (its final CAS
+             * expects RETIRING), then link as to any empty user. */
+            pa_cas(&m->users[*u].dhead, &head, PRES_LINK_NULLS(*u));
+            continue;
+        }
         if (head == PRES_LINK_RETIRED) {
             /* The daemon retired this user (it had no device) since we
              * found it: find or make its successor. */
@@ -634,6 +646,17 @@ PRES_API int pres_disconnect_ref(pres_t *p, pres_ref_t ref)
     return rc;
 }
 
+void pres__dev_interact(pres_map_t *m, uint32_t i, uint64_t nm)
+{
+    /* Only a change of the device's active state concerns the daemon
+     * (status events, the mirror): an interaction on an active device is
+     * one store. */
+    uint64_t w = pa_exchange(&m->devs[i].activity, nm);
+    uint64_t idle_after = pa_load(&m->hdr->idle_after_ms);
+    if ((w & PRES_ACT_IDLE) || (idle_after && nm >= PRES_ACT_TIME(w) + idle_after))
+        pres__note(m, PRES_NOTE_DEV, i);
+}
+
 PRES_API int pres_set_activity(pres_t *p, const char *device_id, enum pres_activity a)
 {
     size_t len;
@@ -655,13 +678,7 @@ PRES_API int pres_set_activity(pres_t *p, const char *device_id, enum pres_activ
         if (PRES_LIVE_STATE(L) != PRES_DS_CONNECTED || PRES_LIVE_EXPIRY(L) <= nm) {
             rc = -ENOENT;
         } else if (a == PRES_ACTIVE) {
-            /* Only a change of the device's active state concerns the
-             * daemon (status events, the mirror): an interaction on an
-             * active device is one store. */
-            uint64_t w = pa_exchange(&d->activity, nm);
-            uint64_t idle_after = pa_load(&p->m.hdr->idle_after_ms);
-            if ((w & PRES_ACT_IDLE) || (idle_after && nm >= PRES_ACT_TIME(w) + idle_after))
-                pres__note(&p->m, PRES_NOTE_DEV, (uint32_t)i);
+            pres__dev_interact(&p->m, (uint32_t)i, nm);
         } else {
             uint64_t w = pa_load(&d->activity);
             while (!pa_cas(&d->activity, &w, w | PRES_ACT_IDLE))
@@ -708,7 +725,7 @@ static int route_walk(const pres_map_t *m, uint32_t u, pres_device_info_t *out,
     size_t nseen = 0, count = 0;
     uint64_t nm = pres__mono_ms(), nw = pres__wall_of(m, nm);
     uint64_t l = pa_load_acquire(&m->users[u].dhead);
-    if (l == PRES_LINK_RETIRED)
+    if (PRES_LINK_NO_LIST(l))
         l = PRES_LINK_NULLS(u);
     for (uint32_t steps = 0; !PRES_LINK_IS_NULLS(l); steps++) {
         uint32_t i = PRES_LINK_IDX(l);

@@ -14,7 +14,7 @@
 #include <unistd.h>
 
 #include "inspect.h"
-#include "store.h"
+#include "policy.h"
 
 int pres__inspect_info(pres_t *p, pres_inspect_info_t *out)
 {
@@ -39,6 +39,16 @@ int pres__inspect_info(pres_t *p, pres_inspect_info_t *out)
     out->oldest_reader_ms = pa_load(&m->hdr->oldest_reader_ms);
     uint64_t pid = pa_load(&m->hdr->daemon_pid);
     out->daemon_pid = pid && pres__proc_alive((int)pid, 0) ? (int)pid : 0;
+    out->exception_capacity = m->exc_cap;
+    out->typing_capacity = m->typ_cap;
+    for (uint32_t i = 0; i < m->exc_cap; i++) {
+        uint64_t a = pa_load(&m->excs[i].alloc);
+        out->exceptions_in_use += a != PRES_ALLOC_FREE && a != PRES_ALLOC_POOLED;
+    }
+    for (uint32_t i = 0; i < m->typ_cap; i++) {
+        uint64_t a = pa_load(&m->typs[i].alloc);
+        out->typing_in_use += a != PRES_ALLOC_FREE && a != PRES_ALLOC_POOLED;
+    }
     return 0;
 }
 
@@ -80,6 +90,7 @@ typedef struct {
     int quiet;          /* first pass: count only */
     long problems;
     uint8_t *dev_in_hash, *dev_in_user, *user_in_hash, *dev_in_ring, *user_in_ring;
+    uint8_t *exc_in_block, *exc_in_ring, *typ_in_chain, *typ_in_ring;
 } chk_t;
 
 static void problem(chk_t *c, const char *fmt, ...)
@@ -158,7 +169,7 @@ static void check_dev_chains(chk_t *c, const pres_map_t *m)
 static void check_user_list(chk_t *c, const pres_map_t *m, uint32_t u)
 {
     uint64_t l = pa_load_acquire(&m->users[u].dhead);
-    if (l == PRES_LINK_RETIRED)
+    if (PRES_LINK_NO_LIST(l))
         return;
     uint32_t steps = 0;
     while (!PRES_LINK_IS_NULLS(l)) {
@@ -212,18 +223,23 @@ static void check_user_chains(chk_t *c, const pres_map_t *m)
     }
 }
 
-static void check_ring(chk_t *c, const pres_map_t *m, int users)
+static const char *const ring_what[PRES_RK_COUNT] = {
+    "device", "user", "exception", "typing",
+};
+
+static void check_ring(chk_t *c, const pres_map_t *m, int kind)
 {
     const pres_hdr_t *h = m->hdr;
-    int kind = users ? PRES_RK_USER : PRES_RK_DEV;
     uint64_t cons = pa_load(&h->ring[kind].cons);
     uint64_t prod = pa_load(&h->prod[kind]);
     uint64_t size = m->rmask[kind] + 1;
     unsigned shift = m->rshift[kind];
     uint32_t cap = m->rcap[kind];
     const uint64_t *ring = m->ring[kind];
-    uint8_t *in = users ? c->user_in_ring : c->dev_in_ring;
-    const char *what = users ? "user" : "device";
+    uint8_t *const rings[PRES_RK_COUNT] = { c->dev_in_ring, c->user_in_ring, c->exc_in_ring,
+                                            c->typ_in_ring };
+    uint8_t *in = rings[kind];
+    const char *what = ring_what[kind];
     if (cons > prod || prod - cons > size) {
         problem(c, "%s ring: consumer %llu, producer %llu, size %llu", what,
                 (unsigned long long)cons, (unsigned long long)prod, (unsigned long long)size);
@@ -338,6 +354,155 @@ static void check_records(chk_t *c, const pres_map_t *m)
     }
 }
 
+/* ---- privacy policies ------------------------------------------------------ */
+
+/* One user's policy block: well formed (HEAD first, counts within bounds,
+ * kinds in order, the last entry ending the list, no cycle), written for
+ * this user, every key hashed as lookups expect, and no entry in two
+ * blocks or free while a policy names it. */
+static void check_policy(chk_t *c, const pres_map_t *m, uint32_t u, int linked)
+{
+    uint64_t w = pa_load_acquire(&m->users[u].privacy);
+    uint32_t idx[PRES_PV_BLOCK_MAX];
+    size_t n;
+    if (w && !(w & PRES_PV_SET))
+        problem(c, "user record %u: privacy word %#llx without its set bit", u,
+                (unsigned long long)w);
+    if (PRES_PV_SEEN(w) > PRES_NOBODY || PRES_PV_ONLINE(w) > PRES_PV_SEEN(w))
+        problem(c, "user record %u: privacy audiences out of range or online narrower "
+                   "than last seen", u);
+    if (pres__policy_block(m, w, idx, &n) < 0) {
+        problem(c, "user record %u: privacy block at entry %u is malformed (out of range, "
+                   "counts, kinds or a cycle)", u, PRES_PV_HEAD(w) - 1);
+        return;
+    }
+    if (n && pa_load(&m->excs[idx[0]].user) != u)
+        problem(c, "user record %u: privacy block written for user %u", u,
+                pa_load(&m->excs[idx[0]].user));
+    for (size_t k = 0; k < n; k++) {
+        const pres_exc_t *e = &m->excs[idx[k]];
+        uint64_t a = pa_load(&e->alloc);
+        if (c->exc_in_block[idx[k]]++)
+            problem(c, "exception entry %u is in two privacy blocks", idx[k]);
+        if (a == PRES_ALLOC_FREE || a == PRES_ALLOC_POOLED || (linked && a == PRES_ALLOC_RETIRED))
+            problem(c, "exception entry %u of user %u's policy is %s", idx[k], u,
+                    a == PRES_ALLOC_RETIRED ? "retired" : "free");
+        if (k && (e->keylen < 1 || e->keylen > PRES_ID_MAX ||
+                  pa_load(&e->hash) != pres__exc_hash(m, e->key, e->keylen)))
+            problem(c, "exception entry %u: key length %u or hash does not match its key",
+                    idx[k], e->keylen);
+    }
+}
+
+static void check_policies(chk_t *c, const pres_map_t *m)
+{
+    uint64_t with = 0;
+    for (uint32_t u = 0; u < m->user_cap; u++) {
+        uint64_t a = pa_load(&m->users[u].alloc);
+        if (c->user_in_ring[u] || a == PRES_ALLOC_FREE || a == PRES_ALLOC_POOLED) {
+            if (pa_load(&m->users[u].privacy) && a == PRES_ALLOC_POOLED)
+                problem(c, "user record %u is pooled with a privacy policy", u);
+            continue;
+        }
+        with += pa_load(&m->users[u].privacy) != 0;
+        check_policy(c, m, u, c->user_in_hash[u]);
+    }
+    uint64_t held = 0, flight = 0, retired = 0, nfree = 0;
+    /* The ring just before the records: a record the daemon offers in
+     * between (pooled, then free) would look leaked. */
+    check_ring(c, m, PRES_RK_EXC);
+    for (uint32_t i = 0; i < m->exc_cap; i++) {
+        uint64_t a = pa_load(&m->excs[i].alloc);
+        if (c->exc_in_ring[i] || a == PRES_ALLOC_POOLED) {
+            nfree++;
+            continue;
+        }
+        if (a == PRES_ALLOC_RETIRED) {
+            retired++;
+            continue;
+        }
+        if (c->exc_in_block[i]) {
+            held++;
+            continue;
+        }
+        /* Neither in a policy nor free: being written by a live process,
+         * or left by a dead one (or replaced, HELD) for the daemon. */
+        if (a != PRES_ALLOC_FREE && a != PRES_ALLOC_HELD && token_live(m, a))
+            flight++;
+        else
+            problem(c, "exception entry %u is neither free, in a policy, retired nor held "
+                       "by a live process (leaked)", i);
+    }
+    note(c, "privacy: %llu users with a policy; exception entries: %llu in policies, %llu "
+            "free, %llu retired, %llu in flight", (unsigned long long)with,
+         (unsigned long long)held, (unsigned long long)nfree, (unsigned long long)retired,
+         (unsigned long long)flight);
+}
+
+/* ---- typing --------------------------------------------------------------------- */
+
+static void check_typ_chains(chk_t *c, const pres_map_t *m)
+{
+    uint64_t live = 0;
+    for (uint64_t b = 0; b <= m->typ_mask; b++) {
+        uint64_t l = pa_load_acquire(&m->typ_buckets[b]);
+        uint32_t steps = 0;
+        while (!PRES_LINK_IS_NULLS(l)) {
+            uint32_t i = PRES_LINK_IDX(l);
+            if (i >= m->typ_cap || ++steps > m->typ_cap) {
+                problem(c, "typing bucket %llu: chain leaves the table or cycles",
+                        (unsigned long long)b);
+                goto next;
+            }
+            const pres_typ_t *r = &m->typs[i];
+            if (c->typ_in_chain[i]++)
+                problem(c, "typing record %u is linked twice", i);
+            if (pa_load(&r->gen) != PRES_LINK_GEN(l))
+                problem(c, "typing record %u: link generation %u, record generation %u", i,
+                        PRES_LINK_GEN(l), pa_load(&r->gen));
+            if (r->keylen < 1 || r->keylen > PRES_ID_MAX)
+                problem(c, "typing record %u: key length %u", i, r->keylen);
+            else if ((pres__hash(r->key, r->keylen, m->seed) & m->typ_mask) != b)
+                problem(c, "typing record %u is in bucket %llu, its conversation hashes "
+                           "elsewhere", i, (unsigned long long)b);
+            uint64_t w = pa_load(&r->word);
+            if (PRES_TW_STATE(w) == PRES_TS_LIVE) {
+                live++;
+                if (pa_load(&r->dev) >= m->dev_cap || pa_load(&r->user) >= m->user_cap)
+                    problem(c, "typing record %u names device %u, user %u: out of range",
+                            i, pa_load(&r->dev), pa_load(&r->user));
+            }
+            l = pa_load_acquire(&r->next);
+        }
+        if (PRES_LINK_CHAIN(l) != b)
+            problem(c, "typing bucket %llu ends in the marker of chain %llu",
+                    (unsigned long long)b, (unsigned long long)PRES_LINK_CHAIN(l));
+    next:;
+    }
+    uint64_t linked = 0, nfree = 0, retired = 0, flight = 0;
+    check_ring(c, m, PRES_RK_TYP);       /* just before the records, as above */
+    for (uint32_t i = 0; i < m->typ_cap; i++) {
+        uint64_t a = pa_load(&m->typs[i].alloc);
+        if (c->typ_in_ring[i] || a == PRES_ALLOC_POOLED) {
+            nfree++;
+            if (c->typ_in_chain[i])
+                problem(c, "typing record %u is free but linked", i);
+        } else if (a == PRES_ALLOC_RETIRED) {
+            retired++;
+        } else if (c->typ_in_chain[i]) {
+            linked++;
+        } else if (a != PRES_ALLOC_FREE && token_live(m, a)) {
+            flight++;
+        } else {
+            problem(c, "typing record %u is neither free, linked, retired nor held by a "
+                       "live process (leaked)", i);
+        }
+    }
+    note(c, "typing: %llu records linked (%llu typing), %llu free, %llu retired, %llu in "
+            "flight", (unsigned long long)linked, (unsigned long long)live,
+         (unsigned long long)nfree, (unsigned long long)retired, (unsigned long long)flight);
+}
+
 static void check_clients(chk_t *c, const pres_map_t *m)
 {
     uint64_t epoch = pa_load(&m->rhdr->gp_epoch);
@@ -380,8 +545,14 @@ static long check_pass(pres_t *p, FILE *out, int verbose, int quiet)
     c.dev_in_ring = calloc(m->dev_cap, 1);
     c.user_in_hash = calloc(m->user_cap, 1);
     c.user_in_ring = calloc(m->user_cap, 1);
+    c.exc_in_block = calloc(m->exc_cap, 1);
+    c.exc_in_ring = calloc(m->exc_cap, 1);
+    c.typ_in_chain = calloc(m->typ_cap, 1);
+    c.typ_in_ring = calloc(m->typ_cap, 1);
     long rc = -ENOMEM;
-    if (!c.dev_in_hash || !c.dev_in_user || !c.dev_in_ring || !c.user_in_hash || !c.user_in_ring)
+    if (!c.dev_in_hash || !c.dev_in_user || !c.dev_in_ring || !c.user_in_hash ||
+        !c.user_in_ring || !c.exc_in_block || !c.exc_in_ring || !c.typ_in_chain ||
+        !c.typ_in_ring)
         goto out;
     /* One read section: nothing we walk is freed under us. */
     pres_rs_t *t = pres__gp_enter(p);
@@ -392,9 +563,11 @@ static long check_pass(pres_t *p, FILE *out, int verbose, int quiet)
          (unsigned long long)(m->dev_mask + 1));
     check_user_chains(&c, m);
     note(&c, "user index and device lists: bounded, each device in its own user's list");
-    check_ring(&c, m, 0);
-    check_ring(&c, m, 1);
+    check_ring(&c, m, PRES_RK_DEV);
+    check_ring(&c, m, PRES_RK_USER);
     check_records(&c, m);
+    check_policies(&c, m);
+    check_typ_chains(&c, m);
     check_clients(&c, m);
     note(&c, "client, reader and gateway tables consistent");
     pres__gp_leave(t);
@@ -405,6 +578,10 @@ out:
     free(c.dev_in_ring);
     free(c.user_in_hash);
     free(c.user_in_ring);
+    free(c.exc_in_block);
+    free(c.exc_in_ring);
+    free(c.typ_in_chain);
+    free(c.typ_in_ring);
     return rc;
 }
 

@@ -23,6 +23,11 @@ typedef struct {
     uint64_t gp_epoch;           /* current grace-period epoch */
     uint64_t oldest_reader_ms;   /* age of the oldest open read section */
     int      daemon_pid;         /* 0: no daemon holds the store */
+    /* privacy exception entries and typing records: capacity, and those
+     * neither free nor pooled (in a policy or typing, being written, or
+     * waiting for a grace period) */
+    uint64_t exception_capacity, exceptions_in_use;
+    uint64_t typing_capacity, typing_in_use;
 } pres_inspect_info_t;
 
 /** Fill *out.  @return 0 or a negative errno. */

@@ -100,6 +100,14 @@ typedef struct {
 /* A user's device-list head once the daemon has retired the user: no device
  * may be linked to it any more. */
 #define PRES_LINK_RETIRED        (~(uint64_t)0)
+/* A user's device-list head while the daemon retires the user: the user is
+ * still there (lookups find it), and a client that links a device or sets
+ * a privacy policy turns it back into the empty marker, which makes the
+ * daemon's final CAS to RETIRED fail (doc/region.md, "Users").  Odd, so a
+ * walker takes it for a marker, and no chain is named by it. */
+#define PRES_LINK_RETIRING       (~(uint64_t)0 - 2)
+/* A device-list head that holds no list: RETIRED or RETIRING. */
+#define PRES_LINK_NO_LIST(l)     ((l) >= PRES_LINK_RETIRING)
 
 /* ---- the live word of a device ------------------------------------------
  *   bits  0..39  expiry, CLOCK_MONOTONIC milliseconds (34 years of uptime)
@@ -157,6 +165,10 @@ typedef struct {
 #define PRES_ALLOC_FREE   UINT64_C(0)
 #define PRES_ALLOC_POOLED UINT64_C(1)   /* in the daemon's private pool */
 #define PRES_ALLOC_RETIRED UINT64_C(2)  /* unlinked, waiting for a grace period */
+/* Exception entries only: published in a user's policy, owned by it rather
+ * than by the client that wrote it (so a replaced block whose replacer died
+ * before retiring it can be told from one still being written). */
+#define PRES_ALLOC_HELD   UINT64_C(3)
 #define PRES_TOKEN(client, cgen)  ((((uint64_t)(client) + 1) << 48) | (((uint64_t)(cgen) & 0xffffu) << 32))
 #define PRES_TOKEN_CLIENT(t)      ((uint32_t)((t) >> 48) - 1)
 
@@ -218,6 +230,11 @@ typedef struct {
 #define PRES_PV_INVISIBLE    (UINT64_C(1) << 6)
 #define PRES_PV_SET          (UINT64_C(1) << 7)
 #define PRES_PV_HEAD(w)      ((uint32_t)((w) >> 32))
+#define PRES_PV_MAKE(seen, online, flags, head1) \
+    ((uint64_t)(seen) | ((uint64_t)(online) << 2) | (flags) | PRES_PV_SET | \
+     ((uint64_t)(head1) << 32))
+/* Entries of a block at most: the HEAD and two full lists. */
+#define PRES_PV_BLOCK_MAX    (1 + 2 * PRES_EXCEPTIONS_MAX)
 
 /* A privacy exception entry: 128 bytes.  A policy's entries form a list
  * from its HEAD (which holds the counts and the frozen last seen), allow

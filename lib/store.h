@@ -113,6 +113,8 @@ static inline uint64_t pres__wall_of(const pres_map_t *m, uint64_t mono)
 /* ---- allocation (alloc.c) ------------------------------------------------ */
 
 PRES_HIDDEN int pres__alloc_take(pres_t *p, int kind, uint32_t *idx);
+/* Records of a kind offered now (a moment's figure: others take too). */
+PRES_HIDDEN uint64_t pres__alloc_avail(const pres_t *p, int kind);
 
 /* ---- change notes (notes.c) and the change feed (events.c) --------------- */
 
@@ -195,6 +197,12 @@ PRES_HIDDEN void pres__idx_dev_link_hash(pres_map_t *m, uint32_t i, uint64_t h);
 PRES_HIDDEN int pres__idx_gw_find(const pres_map_t *m, const char *key, size_t len);
 PRES_HIDDEN int pres__idx_gw_get(pres_t *p, const char *key, size_t len);
 
+/* ---- the user view (user.c) ------------------------------------------------ */
+
+/* The fallback of pres_user for a user no longer in shared memory. */
+PRES_HIDDEN int pres__user_from_db(pres_t *p, const char *user_id, size_t len,
+                                   const pres_viewer_t *viewer, pres_user_view_t *out);
+
 /* ---- records (device.c) -------------------------------------------------- */
 
 /* A consistent snapshot of a device record. */
@@ -210,6 +218,9 @@ PRES_HIDDEN void pres__dev_info(const pres_map_t *m, uint32_t i, const pres_snap
                                 uint64_t now_mono, uint64_t now_wall,
                                 pres_device_info_t *out);
 PRES_HIDDEN int  pres__id_check(const char *id, size_t *len);
+/* An interaction on connected device i at monotonic nm (pres_set_activity's
+ * PRES_ACTIVE, pres_typing): one store, and a note when it wakes the device. */
+PRES_HIDDEN void pres__dev_interact(pres_map_t *m, uint32_t i, uint64_t nm);
 
 /* Copy a key of the region into a NUL-terminated buffer of PRES_ID_MAX + 1. */
 static inline void pres__key_out(char *dst, uint8_t len, const char *src)
@@ -219,5 +230,11 @@ static inline void pres__key_out(char *dst, uint8_t len, const char *src)
     memcpy(dst, src, len);
     dst[len] = '\0';
 }
+
+/* ---- typing (typing.c) ------------------------------------------------------ */
+
+/* The typing record device i's link names, if it is the record of the
+ * device's current connection (snapshot s): its index, or -1. */
+PRES_HIDDEN int pres__typ_current(const pres_map_t *m, uint32_t i, const pres_snap_t *s);
 
 #endif /* PRES_STORE_H */

@@ -1,5 +1,6 @@
 /*
- * user.c - what a user's devices add up to: status, devices, last seen.
+ * user.c - what a user's devices add up to (status, devices, last seen),
+ * and what a person may see of it: pres_user.
  *
  * Computed at read time from the device records, like everything else
  * (property 4), so it never depends on the daemon being timely:
@@ -14,8 +15,13 @@
  *  - last seen: the time of the call while a device is connected, else the
  *    latest of the devices' last seen and of the user record's (devices
  *    evicted from memory).
+ *
+ * pres_user then applies the privacy rules (lib/privacy.c, a pure
+ * function) to that truth, fed with the user's policy and the viewer's own
+ * (lib/policy.c).  The user's policy word is loaded once: every rule is
+ * judged against one policy, old or new, never a mix.
  */
-#include "store.h"
+#include "policy.h"
 
 #define AGG_SEEN_MAX 256
 
@@ -48,7 +54,7 @@ int pres__user_agg(const pres_map_t *m, uint32_t u, uint64_t nm, uint64_t nw, pr
     uint64_t last_seen = pa_load(&m->users[u].last_seen);
 
     uint64_t l = pa_load_acquire(&m->users[u].dhead);
-    if (l == PRES_LINK_RETIRED)
+    if (PRES_LINK_NO_LIST(l))
         l = PRES_LINK_NULLS(u);
     for (uint32_t steps = 0; !PRES_LINK_IS_NULLS(l); steps++) {
         uint32_t i = PRES_LINK_IDX(l);
@@ -118,4 +124,122 @@ int pres__user_agg(const pres_map_t *m, uint32_t u, uint64_t nm, uint64_t nw, pr
     }
     out->next_change = next;
     return 0;
+}
+
+/* ---- pres_user --------------------------------------------------------------- */
+
+/* The fallback for a user that is not in shared memory (never seen, or
+ * evicted with their devices after --retain-ms).  The LMDB mirror answers
+ * evicted users once it exists; until then nobody knows them. */
+int pres__user_from_db(pres_t *p, const char *user_id, size_t len,
+                       const pres_viewer_t *viewer, pres_user_view_t *out)
+{
+    (void)p;
+    (void)user_id;
+    (void)len;
+    (void)viewer;
+    (void)out;
+    return -ENOENT;
+}
+
+typedef struct {
+    const char *id;          /* NULL: the system's view */
+    size_t      len;
+    uint32_t    hash;        /* of the id, for the exception lists */
+    int         is_contact;
+} viewer_key_t;
+
+/* The viewer's own policy, for reciprocity: only its flags matter, so
+ * neither its lists nor its block are read.  A viewer the store does not
+ * know has no policy. */
+static int own_policy(const pres_map_t *m, const viewer_key_t *v, pres_pol_t *own, int *has)
+{
+    int a, d;
+    int vu = pres__idx_user_find(m, v->id, v->len, pres__hash(v->id, v->len, m->seed));
+    *has = 0;
+    if (vu == -ENOENT)
+        return 0;
+    if (vu < 0)
+        return vu;
+    uint64_t w = pa_load_acquire(&m->users[vu].privacy);
+    *has = 1;
+    return pres__policy_read(m, w, NULL, 0, 0, own, &a, &d);
+}
+
+/* Apply the privacy rules to user u's aggregate, as viewer v sees it. */
+static int view_of(const pres_map_t *m, uint32_t u, const pres_agg_t *agg,
+                   const viewer_key_t *v, uint64_t now_wall, pres_user_view_t *out)
+{
+    pres_truth_t truth = { agg->status, agg->devices, agg->last_seen_ms };
+    pres_viewer_ctx_t ctx = { .system = v->id == NULL, .is_contact = v->is_contact != 0 };
+    pres_pol_t target, own;
+    pres_view_out_t o;
+    int has_own = 0, rc;
+
+    memset(&target, 0, sizeof target);
+    if (!ctx.system)
+        ctx.self = pres__key_eq(&m->users[u].keylen, m->users[u].key, v->id, v->len);
+    if (!ctx.system && !ctx.self) {
+        /* acquire: the block the word names is read as it was published. */
+        uint64_t w = pa_load_acquire(&m->users[u].privacy);
+        if ((rc = pres__policy_read(m, w, v->id, v->len, v->hash, &target,
+                                    &ctx.in_allow, &ctx.in_deny)) < 0)
+            return rc;
+        if ((rc = own_policy(m, v, &own, &has_own)) < 0)
+            return rc;
+        ctx.own = has_own ? &own : NULL;
+    }
+    pres__privacy_decide(&target, &truth, &ctx, now_wall, &o);
+    out->status = o.status;
+    out->seen = o.seen;
+    out->last_seen_ms = o.last_seen_ms;
+    out->devices = o.devices;
+    return 0;
+}
+
+static int user_view(const pres_map_t *m, const char *id, size_t len, const viewer_key_t *v,
+                     pres_user_view_t *out)
+{
+    uint64_t h = pres__hash(id, len, m->seed);
+    for (int tries = 0; tries < 8; tries++) {
+        int u = pres__idx_user_find(m, id, len, h);
+        if (u < 0)
+            return u;
+        uint64_t nm = pres__mono_ms(), nw = pres__wall_of(m, nm);
+        pres_agg_t agg;
+        int rc = pres__user_agg(m, (uint32_t)u, nm, nw, &agg);
+        if (rc == -EAGAIN)
+            continue;                /* carried off the list: look again */
+        if (rc < 0)
+            return rc;
+        return view_of(m, (uint32_t)u, &agg, v, nw, out);
+    }
+    return -EPROTO;
+}
+
+PRES_API int pres_user(pres_t *p, const char *user_id, const pres_viewer_t *viewer,
+                       pres_user_view_t *out)
+{
+    size_t len;
+    int rc;
+    viewer_key_t v = { NULL, 0, 0, 0 };
+    if (!p || !out)
+        return -EINVAL;
+    if ((rc = pres__id_check(user_id, &len)) < 0)
+        return rc;
+    if (viewer && viewer->viewer_id) {
+        v.id = viewer->viewer_id;
+        if ((rc = pres__id_check(v.id, &v.len)) < 0)
+            return rc;
+        v.hash = pres__exc_hash(&p->m, v.id, v.len);
+        v.is_contact = viewer->is_contact;
+    }
+    pres_rs_t *t = pres__gp_enter(p);
+    if (!t)
+        return -ENOSPC;
+    rc = user_view(&p->m, user_id, len, &v, out);
+    pres__gp_leave(t);
+    if (rc == -ENOENT)
+        rc = pres__user_from_db(p, user_id, len, viewer, out);
+    return rc;
 }

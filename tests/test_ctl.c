@@ -288,7 +288,8 @@ static pres_stats_t settled_stats(void)
 static int group_setup(void **state)
 {
     (void)state;
-    const char *args[] = { "--capacity", "4096", NULL };
+    /* No offline grace: a disconnected user reads offline at once. */
+    const char *args[] = { "--capacity", "4096", "--offline-grace-ms", "0", NULL };
     if (th_store_start(&S, args) != 0)
         return -1;
     if (pres_open(&rw, S.name, PRES_RDWR) != 0)
@@ -340,6 +341,12 @@ static void test_bad_usage(void **state)
         (const char *const[]){ "route", NULL },
         (const char *const[]){ "user", NULL },
         (const char *const[]){ "device", "--json", NULL },
+        (const char *const[]){ "user", "user_a", "--contact", NULL },
+        (const char *const[]){ "user", "user_a", "--viewer", NULL },
+        (const char *const[]){ "user", "user_a", "user_z", NULL },
+        (const char *const[]){ "user", "", NULL },
+        (const char *const[]){ "user", "user_a", "--viewer", "", NULL },
+        (const char *const[]){ "route", "user_a", "--viewer", "v", NULL },
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         char what[128] = "";
@@ -361,6 +368,7 @@ static void test_store_missing(void **state)
         (const char *const[]){ "stats", "--json", NULL },
         (const char *const[]){ "device", "dev_a", NULL },
         (const char *const[]){ "route", "user_a", "--json", NULL },
+        (const char *const[]){ "user", "user_a", "--viewer", "v", NULL },
         (const char *const[]){ "dump", "--json", NULL },
         (const char *const[]){ "check", NULL },
     };
@@ -627,6 +635,76 @@ static void test_damaged_store(void **state)
         fail_msg("check on a damaged store: exit %d, expected 3", rc_check);
 }
 
+/* `user`: the pres_user_view_t fields and user_id, enums as lowercase
+ * strings, as the system and as viewers see the user; exit 1 for a user
+ * the store never heard of.  (Last in the group: it adds users.) */
+static void expect_user_json(const char *user, const char *viewer, int contact,
+                             const char *status, const char *seen, uint64_t devices)
+{
+    char what[160];
+    int rc;
+    snprintf(what, sizeof what, "user %s as %s%s --json", user, viewer ? viewer : "system",
+             contact ? " (contact)" : "");
+    if (!viewer)
+        rc = CTL("user", user, "--json");
+    else if (contact)
+        rc = CTL("user", user, "--viewer", viewer, "--contact", "--json");
+    else
+        rc = CTL("user", user, "--json", "--viewer", viewer);
+    expect_exit(rc, 0, what);
+    const char *doc = json_doc(out);
+    assert_json_str(doc, "user_id", user);
+    assert_json_str(doc, "status", status);
+    assert_json_str(doc, "seen", seen);
+    assert_int_equal(json_u64(doc, "devices"), devices);
+    uint64_t ls = json_u64(doc, "last_seen_ms");
+    if (strcmp(seen, "exact") == 0)
+        assert_true(ls > 0);
+    else
+        assert_int_equal(ls, 0);
+}
+
+static void test_user(void **state)
+{
+    (void)state;
+    expect_user_json("user_a", NULL, 0, "active", "exact", 2);
+    expect_user_json("user_z", NULL, 0, "offline", "exact", 0);
+    expect_user_json("user_z", "someone", 0, "offline", "exact", 0);
+    pres_user_view_t v;
+    assert_int_equal(pres_user(rw, "user_z", NULL, &v), 0);
+    expect_exit(CTL("user", "user_z", "--json"), 0, "user user_z --json");
+    assert_int_equal(json_u64(json_doc(out), "last_seen_ms"), v.last_seen_ms);
+
+    pres_privacy_t pol = { .last_seen = PRES_CONTACTS, .online = PRES_EVERYONE,
+                           .approximate = 1 };
+    assert_int_equal(pres_set_privacy(rw, "user_a", &pol), 0);
+    expect_user_json("user_a", "stranger", 0, "active", "recently", 2);
+    expect_user_json("user_a", "friend", 1, "active", "exact", 2);
+    assert_int_equal(pres_set_activity(rw, "dev_a", PRES_IDLE), 0);
+    assert_int_equal(pres_set_activity(rw, "dev_b", PRES_IDLE), 0);
+    expect_user_json("user_a", NULL, 0, "idle", "exact", 2);
+
+    pres_privacy_t shut = { .last_seen = PRES_NOBODY, .online = PRES_NOBODY };
+    assert_int_equal(pres_set_privacy(rw, "user_p", &shut), 0);
+    expect_user_json("user_p", NULL, 0, "offline", "never", 0);
+    expect_user_json("user_p", "stranger", 1, "offline", "hidden", 0);
+    shut.approximate = 1;
+    assert_int_equal(pres_set_privacy(rw, "user_p", &shut), 0);
+    expect_user_json("user_p", "stranger", 0, "offline", "long_ago", 0);
+
+    expect_exit(CTL("user", "user_a"), 0, "user user_a");
+    assert_non_null(strstr(out, "user_a"));
+    assert_non_null(strstr(out, "idle"));
+    expect_exit(CTL("user", "user_a", "--viewer", "stranger"), 0, "user as stranger");
+    assert_non_null(strstr(out, "stranger"));
+    assert_non_null(strstr(out, "recently"));
+
+    expect_exit(CTL("user", "no_such_user"), 1, "user no_such_user");
+    expect_exit(CTL("user", "no_such_user", "--json"), 1, "user no_such_user --json");
+    expect_exit(CTL("user", "no_such_user", "--viewer", "x", "--contact"), 1,
+                "user no_such_user as x");
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -643,6 +721,7 @@ int main(void)
         cmocka_unit_test(test_dump),
         cmocka_unit_test(test_check),
         cmocka_unit_test(test_damaged_store),
+        cmocka_unit_test(test_user),
     };
     return cmocka_run_group_tests_name("ctl", tests, group_setup, group_teardown);
 }

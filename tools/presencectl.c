@@ -4,6 +4,7 @@
  *   presencectl [--name NAME] dump   [--json]
  *   presencectl [--name NAME] stats  [--json | --prometheus]
  *   presencectl [--name NAME] device DEVICE_ID [--json]
+ *   presencectl [--name NAME] user   USER_ID [--viewer ID [--contact]] [--json]
  *   presencectl [--name NAME] route  USER_ID [--json]
  *   presencectl [--name NAME] check  [--verbose]
  *
@@ -47,15 +48,18 @@ enum {
     OPT_JSON       = 1u << 0,
     OPT_PROMETHEUS = 1u << 1,
     OPT_VERBOSE    = 1u << 2,
+    OPT_VIEWER     = 1u << 3,
+    OPT_CONTACT    = 1u << 4,
 };
 
-/* At most one positional argument (an id) today; `user` will need one too. */
+/* At most one positional argument (an id). */
 #define ARGS_MAX 1
 
 typedef struct {
     unsigned    opts;             /* OPT_* given */
     int         npos;
     const char *pos[ARGS_MAX];
+    const char *viewer;           /* --viewer ID */
 } args_t;
 
 typedef struct {
@@ -75,6 +79,7 @@ typedef struct {
 static int cmd_dump(ctl_t *c, const args_t *a);
 static int cmd_stats(ctl_t *c, const args_t *a);
 static int cmd_device(ctl_t *c, const args_t *a);
+static int cmd_user(ctl_t *c, const args_t *a);
 static int cmd_route(ctl_t *c, const args_t *a);
 static int cmd_check(ctl_t *c, const args_t *a);
 
@@ -82,6 +87,8 @@ static const cmd_t commands[] = {
     { "dump",   cmd_dump,   OPT_JSON,                  0, "[--json]" },
     { "stats",  cmd_stats,  OPT_JSON | OPT_PROMETHEUS, 0, "[--json | --prometheus]" },
     { "device", cmd_device, OPT_JSON,                  1, "DEVICE_ID [--json]" },
+    { "user",   cmd_user,   OPT_JSON | OPT_VIEWER | OPT_CONTACT, 1,
+      "USER_ID [--viewer ID [--contact]] [--json]" },
     { "route",  cmd_route,  OPT_JSON,                  1, "USER_ID [--json]" },
     { "check",  cmd_check,  OPT_VERBOSE,               0, "[--verbose]" },
 };
@@ -101,9 +108,11 @@ static void usage(FILE *f)
         "  --json         one JSON document instead of text\n"
         "  --prometheus   the Prometheus text exposition format\n"
         "  --verbose      check: also name each invariant checked\n"
+        "  --viewer ID    user: as this person sees the user (privacy applies)\n"
+        "  --contact      user: the viewer is in the user's contacts\n"
         "  --help         this text;  --version  the library version\n"
         "\n"
-        "Exit status: 0 done, 1 no such device, 2 bad usage,\n"
+        "Exit status: 0 done, 1 no such device or user, 2 bad usage,\n"
         "3 store missing, damaged or incompatible.\n");
 }
 
@@ -125,6 +134,8 @@ static const struct option cmd_longopts[] = {
     { "json",       no_argument, NULL, 'j' },
     { "prometheus", no_argument, NULL, 'P' },
     { "verbose",    no_argument, NULL, 'v' },
+    { "viewer",     required_argument, NULL, 'W' },
+    { "contact",    no_argument, NULL, 'C' },
     { "help",       no_argument, NULL, 'h' },
     { NULL, 0, NULL, 0 },
 };
@@ -135,6 +146,8 @@ static unsigned opt_bit(int ch)
     case 'j': return OPT_JSON;
     case 'P': return OPT_PROMETHEUS;
     case 'v': return OPT_VERBOSE;
+    case 'W': return OPT_VIEWER;
+    case 'C': return OPT_CONTACT;
     default:  return 0;
     }
 }
@@ -184,6 +197,8 @@ static int parse_cmd_args(const cmd_t *cmd, int argc, char **argv, args_t *a)
                              argv[optind - 1]);
         } else {
             a->opts |= opt_bit(ch);
+            if (ch == 'W')
+                a->viewer = optarg;
         }
     }
     for (; optind < argc; optind++)
@@ -194,6 +209,8 @@ static int parse_cmd_args(const cmd_t *cmd, int argc, char **argv, args_t *a)
     if ((a->opts & OPT_JSON) && (a->opts & OPT_PROMETHEUS))
         return bad_usage("%s: --json and --prometheus exclude each other",
                          cmd->name);
+    if ((a->opts & OPT_CONTACT) && !(a->opts & OPT_VIEWER))
+        return bad_usage("%s: --contact needs --viewer", cmd->name);
     return -1;
 }
 
@@ -676,6 +693,10 @@ static void human_layout(const pres_inspect_info_t *in)
            in->device_buckets, in->user_buckets);
     printf("%-16s %" PRIu64 " of %" PRIu64 " slots used\n", "readers",
            in->reader_slots_used, in->reader_slots);
+    printf("%-16s %" PRIu64 " of %" PRIu64 " in use\n", "exceptions",
+           in->exceptions_in_use, in->exception_capacity);
+    printf("%-16s %" PRIu64 " of %" PRIu64 " records in use\n", "typing",
+           in->typing_in_use, in->typing_capacity);
     printf("%-16s %" PRIu64 " ms\n", "oldest_reader", in->oldest_reader_ms);
     printf("%-16s %" PRIu64 "\n", "gp_epoch", in->gp_epoch);
     if (in->daemon_pid != 0)
@@ -724,6 +745,77 @@ static int cmd_device(ctl_t *c, const args_t *a)
     } else {
         human_device(&d, pres_now_ms());
     }
+    return EXIT_DONE;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Users                                                                     */
+
+static const char *const status_names[] = { "offline", "idle", "active" };
+static const char *const seen_names[] = {
+    "exact", "recently", "week", "month", "long_ago", "never", "hidden",
+};
+
+static const char *enum_name(const char *const *names, size_t n, int v)
+{
+    return v >= 0 && (size_t)v < n ? names[v] : "unknown";
+}
+
+#define STATUS_NAME(v) enum_name(status_names, 3, (v))
+#define SEEN_NAME(v)   enum_name(seen_names, 7, (v))
+
+/* The pres_user_view_t object, with the user it is of. */
+static void json_user(FILE *f, const char *user, const pres_user_view_t *v)
+{
+    fputs("{\"user_id\": ", f);
+    json_str(f, user);
+    fprintf(f, ", \"status\": \"%s\", \"seen\": \"%s\", \"last_seen_ms\": %" PRIu64
+            ", \"devices\": %u}", STATUS_NAME(v->status), SEEN_NAME(v->seen),
+            v->last_seen_ms, v->devices);
+}
+
+/* What "seen" says to a person: the time, or the bucket in words. */
+static void human_seen(const pres_user_view_t *v, uint64_t now)
+{
+    static const char *const words[] = {
+        NULL, "recently (within 3 days)", "within a week", "within a month",
+        "a long time ago", "never", "hidden",
+    };
+    if (v->seen == PRES_SEEN_EXACT)
+        human_time_line("last_seen", v->last_seen_ms, now);
+    else
+        printf("%-14s %s\n", "last_seen", v->seen > 0 && v->seen <= PRES_SEEN_HIDDEN ?
+               words[v->seen] : "?");
+}
+
+static int cmd_user(ctl_t *c, const args_t *a)
+{
+    pres_viewer_t who = { a->viewer, (a->opts & OPT_CONTACT) != 0 };
+    pres_user_view_t v;
+    int r;
+
+    if ((r = pres_user(c->p, a->pos[0], a->viewer ? &who : NULL, &v)) < 0) {
+        /* An id the library refuses may be the viewer's. */
+        if (a->viewer && (r == -EINVAL || r == -ENAMETOOLONG))
+            return id_failed("viewer", a->viewer, r);
+        return id_failed("user", a->pos[0], r);
+    }
+    if (a->opts & OPT_JSON) {
+        json_user(stdout, a->pos[0], &v);
+        putchar('\n');
+        return EXIT_DONE;
+    }
+    human_id_line("user_id", a->pos[0]);
+    if (a->viewer) {
+        char buf[HUMAN_MAX];
+        human_str(a->viewer, buf);
+        printf("%-14s %s%s\n", "as seen by", buf, who.is_contact ? " (a contact)" : "");
+    } else {
+        printf("%-14s %s\n", "as seen by", "the system (no privacy rules)");
+    }
+    printf("%-14s %s\n", "status", STATUS_NAME(v.status));
+    human_seen(&v, pres_now_ms());
+    printf("%-14s %u\n", "devices", v.devices);
     return EXIT_DONE;
 }
 
