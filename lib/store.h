@@ -175,12 +175,6 @@ static inline uint64_t pres__hash(const char *key, size_t len, uint64_t seed)
     return pres__hash_mix(h ^ v ^ ((uint64_t)len << 59));
 }
 
-/* The quick-reject hash kept in a privacy exception entry. */
-static inline uint32_t pres__exc_hash(const char *key, size_t len, uint64_t seed)
-{
-    return (uint32_t)pres__hash(key, len, seed);
-}
-
 static inline int pres__key_eq(const uint8_t *klen, const char *k, const char *key, size_t len)
 {
     return *klen == len && memcmp(k, key, len) == 0;
