@@ -221,7 +221,9 @@ static void mark_and_free(pd_t *d)
 static void pass_entry(pd_t *d, uint32_t i)
 {
     pd_privacy_t *pv = d->pv;
-    uint64_t a = pa_load(&d->m.excs[i].alloc);
+    /* acquire: pairs with the release that retired it after the CAS that
+     * replaced its policy, so that CAS precedes our next epoch advance. */
+    uint64_t a = pa_load_acquire(&d->m.excs[i].alloc);
     if (a == PRES_ALLOC_RETIRED) {
         retire(d, i);
         return;

@@ -183,7 +183,7 @@ static int dev_end_by_death(pd_t *d, uint32_t i, uint32_t gw, uint32_t inc, uint
             return 0;
         unsigned k = PRES_LIVE_SEQ(L) & 1;
         if (pa_load(&r->conn[k].gw) != gw ||
-            PRES_CONN_INC(pa_load(&r->conn[k].flags)) == (inc & 0x7fffffffu))
+            PRES_CONN_INC(pa_load(&r->conn[k].flags)) == (inc & PRES_CONN_INC_MASK))
             return 0;
         unsigned holder = PRES_LIVE_LATCH(L);
         if (holder && pd_latch_live(d, holder))

@@ -121,7 +121,18 @@ static int typ_remove(pd_t *d, uint32_t i, void *ctx)
 static void typ_removed(pd_t *d, uint32_t i, void *ctx)
 {
     (void)ctx;
-    pa_store(&d->m.typs[i].alloc, PRES_ALLOC_RETIRED);
+    pres_map_t *m = &d->m;
+    /* Out of its chain, and out of its device's link too, before the grace
+     * period starts: a client that enters a read section after the epoch
+     * moves can reach it neither way, so it cannot be freed and reused
+     * under a writer that read the link (the CAS fails if the link names
+     * another record; a writer racing us on the link then looks again). */
+    uint32_t dev = pa_load(&m->typs[i].dev);
+    if (dev < m->dev_cap) {
+        uint64_t link = PRES_LINK(i, pa_load(&m->typs[i].gen));
+        pa_cas(&m->devs[dev].typing, &link, 0);
+    }
+    pa_store(&m->typs[i].alloc, PRES_ALLOC_RETIRED);
     pd_retire(d, i, PRES_RK_TYP);
 }
 

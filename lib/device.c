@@ -306,7 +306,7 @@ static void supersede_older(pres_map_t *m, pres_rs_t *t, uint32_t i, const char 
  * that attached the id again). */
 static uint32_t conn_flags(const pres_map_t *m, uint32_t gwi)
 {
-    return (uint32_t)(pa_load(&m->gws[gwi].died) << 1);
+    return (uint32_t)(pa_load(&m->gws[gwi].died) << 2);
 }
 
 static int reconnect(pres_t *p, pres_rs_t *t, uint32_t i, uint32_t gwi, uint32_t ttl,
@@ -610,8 +610,12 @@ static int disconnect_at(pres_t *p, pres_rs_t *t, uint32_t i, int64_t ref_cid)
     int expired = exp <= nm;
     pres_conn_t c;
     conn_read(d, k, &c);
-    /* An expired connection ended at its last sign of life. */
+    /* An expired connection ended at its last sign of life, and stopped
+     * being connected at its expiry (the user's offline grace runs from
+     * there). */
     c.ended = expired ? pres__wall_of(&p->m, exp > ttl ? exp - ttl : 0) : nw;
+    if (expired)
+        c.flags |= PRES_CONN_LAPSED;
     conn_write(d, k ^ 1, &c, ttl, cid);
     if ((rc = latch_publish(t, d, exp, PRES_DS_DISCONNECTED)) < 0)
         return rc == -EAGAIN && ref_cid >= 0 ? -ESTALE : rc;

@@ -154,7 +154,7 @@ typedef struct {
 static void block_give_back(pres_t *p, const block_t *b, uint32_t u)
 {
     for (size_t k = 0; k < b->n; k++)
-        pa_store(&p->m.excs[b->idx[k]].alloc, PRES_ALLOC_RETIRED);
+        pa_store_release(&p->m.excs[b->idx[k]].alloc, PRES_ALLOC_RETIRED);
     if (b->n)
         pres__note(&p->m, PRES_NOTE_USER, u);
 }
@@ -296,7 +296,7 @@ static void block_retire(pres_map_t *m, uint64_t w)
     if (pres__policy_block(m, w, idx, &n) < 0)
         return;                      /* damaged: presencectl check reports it */
     for (size_t k = 0; k < n; k++)
-        pa_store(&m->excs[idx[k]].alloc, PRES_ALLOC_RETIRED);
+        pa_store_release(&m->excs[idx[k]].alloc, PRES_ALLOC_RETIRED);
 }
 
 /* Published and kept: the entries are the policy's now, not ours. */

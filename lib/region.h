@@ -150,14 +150,19 @@ enum pres_dev_state {
 typedef struct {
     uint32_t gw;             /* gateway table index */
     uint32_t flags;          /* bit 0 PRES_CONN_DIED: ended by its gateway's
-                                death; bits 1..31 the gateway's incarnation
-                                (its `died` count) when this was written */
+                                death; bit 1 PRES_CONN_LAPSED: ended by a
+                                disconnect after its TTL had passed (it
+                                stopped being connected at the expiry);
+                                bits 2..31 the gateway's incarnation (its
+                                `died` count) when this was written */
     uint64_t connected_at;   /* wall ms */
     uint64_t ended;          /* wall ms of the end (state DISCONNECTED) */
 } pres_conn_t;
 
 #define PRES_CONN_DIED   1u
-#define PRES_CONN_INC(f) ((f) >> 1)
+#define PRES_CONN_LAPSED 2u
+#define PRES_CONN_INC(f) ((f) >> 2)
+#define PRES_CONN_INC_MASK 0x3fffffffu
 
 /* A record's alloc word: PRES_ALLOC_FREE while on the free stack (or never
  * used); an allocator claims it (CAS to its token) before popping it, so a
@@ -271,7 +276,9 @@ typedef struct {
     uint64_t started;        /* wall ms */
     uint8_t  keylen;         /* the conversation id */
     char     key[PRES_ID_MAX];
-    uint8_t  pad[16];
+    uint32_t cid;            /* the device's connection it was typed on: */
+    uint32_t pad;
+    uint64_t conn_at;        /* its cid and connected_at (a revival moves it) */
 } pres_typ_t;
 
 /* A slot of the change feed: 320 bytes.  `word` holds the seq and the

@@ -14,8 +14,8 @@
  * A record counts (pres_typing_list) only while all of these hold: its key
  * is the conversation, it is LIVE and its expiry has not passed, its
  * device still has the generation it names, the device's link still names
- * it, and the device is connected now with a connection that began before
- * the typing did (typing ends with the connection it was typed on).  So a
+ * it, and the device is connected now on the very connection the typing
+ * was typed on (typing ends with its connection).  So a
  * disconnect, an expiry, a reconnect or a move to another conversation
  * ends typing at once, at read time, whatever the daemon is doing.
  *
@@ -59,9 +59,12 @@ static int current_of(const pres_map_t *m, uint32_t i, const pres_snap_t *s, uin
     if (r >= m->typ_cap)
         return -1;
     const pres_typ_t *t = &m->typs[r];
+    /* The connection it was typed on is the device's current one: not a
+     * reconnect (another cid) nor a revival after an expiry (another
+     * connected_at).  Equality, not order: the wall clock may step. */
     if (pa_load(&t->gen) != PRES_LINK_GEN(l) || pa_load(&t->dev) != i ||
-        pa_load(&t->dgen) != pa_load(&d->gen) ||
-        pa_load(&t->started) < s->c.connected_at)
+        pa_load(&t->dgen) != pa_load(&d->gen) || pa_load(&t->cid) != s->cid ||
+        pa_load(&t->conn_at) != s->c.connected_at)
         return -1;
     return (int)r;
 }
@@ -120,8 +123,10 @@ static int typ_extend(typing_t *x, int cur, uint32_t ttl)
     if (PRES_TW_STATE(w) != PRES_TS_LIVE || PRES_TW_EXPIRY(w) <= x->nm ||
         !typ_key_eq(r, x->conv, x->clen))
         return 0;
-    /* Fails if the daemon took the record (DEAD) or another writer moved
-     * or ended it meanwhile: then look again. */
+    /* The expiry becomes now + ttl, as the call says (like a heartbeat, a
+     * shorter TTL shortens it); no new record, no event.  Fails if the
+     * daemon took the record (DEAD) or another writer moved or ended it
+     * meanwhile: then look again. */
     return pa_cas(&r->word, &w, PRES_TW_MAKE(x->nm + ttl, PRES_TS_LIVE)) ? 1 : -EAGAIN;
 }
 
@@ -150,6 +155,8 @@ static int typ_start(typing_t *x, uint64_t link_was, int cur, uint32_t ttl)
     pa_store(&r->dgen, pa_load(&d->gen));
     pa_store(&r->user, pa_load(&d->user));
     pa_store(&r->started, x->nw);
+    pa_store(&r->cid, x->s.cid);
+    pa_store(&r->conn_at, x->s.c.connected_at);
     pa_store(&r->keylen, (uint8_t)x->clen);
     memcpy(r->key, x->conv, x->clen);
     typ_link_chain(m, n, x->ch);

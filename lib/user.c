@@ -28,11 +28,18 @@
 /* The monotonic instant a device stopped being connected. */
 static uint64_t stopped_at(const pres_map_t *m, const pres_snap_t *s)
 {
+    uint64_t exp = PRES_LIVE_EXPIRY(s->live);
     if (PRES_LIVE_STATE(s->live) == PRES_DS_DISCONNECTED) {
+        /* A disconnect ends the connection now, or, on a connection whose
+         * TTL had passed, leaves `ended` at its last sign of life: it
+         * stopped being connected at the expiry, which the live word keeps. */
+        if (s->c.flags & PRES_CONN_LAPSED)
+            return exp;
         int64_t mono = (int64_t)s->c.ended - pa_load(&m->hdr->wall_offset_ms);
-        return mono > 0 ? (uint64_t)mono : 0;
+        uint64_t end = mono > 0 ? (uint64_t)mono : 0;
+        return end < exp ? end : exp;
     }
-    return PRES_LIVE_EXPIRY(s->live);
+    return exp;
 }
 
 /* Was the device active at monotonic instant at? */

@@ -341,6 +341,36 @@ static void test_grace_then_offline(void **state)
     own_store_done(p);
 }
 
+struct expired_arg { pres_t *p; const char *dev; };
+
+static int device_expired(void *arg)
+{
+    struct expired_arg *a = arg;
+    pres_device_info_t d;
+    return pres_device(a->p, a->dev, &d) == 0 && !d.connected;
+}
+
+/* A device whose TTL passed stopped being connected at its expiry, also
+ * when its gateway reports the disconnect later: the grace runs from the
+ * expiry, not from its last sign of life (a TTL earlier). */
+static void test_grace_after_late_disconnect(void **state)
+{
+    (void)state;
+    pres_t *p = own_store("600000", "3000", NULL);
+    assert_rc(pres_connect(p, "gl_u", "gl_d", "gw_gl", 4000, NULL), 0);
+    struct expired_arg a = { p, "gl_d" };
+    if (!th_wait_until(device_expired, &a, WAIT_MS))
+        fail_msg("gl_d never expired");
+    assert_int_equal(sys_view(p, "gl_u").status, PRES_ACTIVE_NOW);
+    assert_rc(pres_disconnect(p, "gl_d"), 0);
+    pres_device_info_t d;
+    assert_rc(pres_device(p, "gl_d", &d), 0);
+    assert_true(d.last_seen_ms + 3000 < pres_now_ms());    /* its last sign of life */
+    assert_int_equal(sys_view(p, "gl_u").status, PRES_ACTIVE_NOW);
+    wait_status(p, "gl_u", PRES_OFFLINE);
+    own_store_done(p);
+}
+
 /* A reconnect inside the grace is invisible: the status never drops, over
  * many disconnect/reconnect cycles (each far shorter than the grace). */
 static void test_reconnect_within_grace(void **state)
@@ -1013,6 +1043,7 @@ int main(void)
         cmocka_unit_test(test_idle_then_active),
         cmocka_unit_test_teardown(test_idle_by_timer, test_teardown),
         cmocka_unit_test_teardown(test_grace_then_offline, test_teardown),
+        cmocka_unit_test_teardown(test_grace_after_late_disconnect, test_teardown),
         cmocka_unit_test_teardown(test_reconnect_within_grace, test_teardown),
         cmocka_unit_test_teardown(test_timers_reload, test_teardown),
         cmocka_unit_test(test_no_policy_shows_all),
