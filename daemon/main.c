@@ -468,9 +468,20 @@ int main(int argc, char **argv)
             reload_flag = 0;
             reload(&d);
         }
+        /* A tick every PD_TICK_MS from start to start, whatever the tick
+         * took: the timers' lag (expiry events) is the period, not the
+         * period plus the work. */
+        struct timespec next;
+        clock_gettime(CLOCK_MONOTONIC, &next);
+        next.tv_nsec += PD_TICK_MS * 1000000L;
+        if (next.tv_nsec >= 1000000000L) {
+            next.tv_sec++;
+            next.tv_nsec -= 1000000000L;
+        }
         pd_tick(&d);
-        struct timespec ts = { 0, PD_TICK_MS * 1000000L };
-        nanosleep(&ts, NULL);
+        while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &next, NULL) == EINTR &&
+               !stop_flag && !reload_flag)
+            ;
     }
     pd_log(LOG_INFO, "stopping: the store stays usable by its clients");
     pd_shutdown(&d);

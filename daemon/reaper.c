@@ -190,6 +190,18 @@ static int dev_end_by_death(pd_t *d, uint32_t i, uint32_t gw, uint32_t inc, uint
     uint64_t exp = PRES_LIVE_EXPIRY(L);
     uint32_t ttl = pa_load(&r->ttl[k]);
     int was_connected = exp > nm;
+    /* The change feed: an EXPIRE, unless the end of this connection was
+     * announced (its TTL passed and that was said); claimed first, so that
+     * a daemon killed from here on leaves a LOST event or the end still to
+     * announce (lib/device.c, "the change feed"). */
+    uint32_t cid = pa_load(&r->cid[k]);
+    uint64_t nw = pres__wall_of(m, nm);
+    pres_evc_t ev = { NULL, 0, 0 };
+    if (pa_load(&r->announced) != PRES_ANN(cid, exp)) {
+        pres__ev_typing_end(m, PRES_DAEMON_LATCH, i, gw, nw);
+        pres__ev_claim(m, PRES_DAEMON_LATCH, &ev);
+        pa_store(&r->announced, PRES_ANN(cid, exp));
+    }
     /* Last seen: the moment the death was detected, or, for a connection
      * whose TTL had already passed, its last sign of life. */
     uint64_t ended = pres__wall_of(m, was_connected ? nm : (exp > ttl ? exp - ttl : 0));
@@ -202,16 +214,19 @@ static int dev_end_by_death(pd_t *d, uint32_t i, uint32_t gw, uint32_t inc, uint
     uint64_t newexp = was_connected ? nm : exp;
     for (;;) {
         if (PRES_LIVE_STATE(L) == PRES_DS_DEAD) {
+            /* Superseded meanwhile: a CONNECT says it all. */
             pa_cas(&r->live, &L, L & ~LIVE_LATCH_MASK);
+            pres__ev_abandon(m, &ev);
             return 0;
         }
         uint64_t want = PRES_LIVE_MAKE(newexp, PRES_DS_DISCONNECTED, PRES_LIVE_SEQ(L) + 1, 0);
         if (pa_cas(&r->live, &L, want))
             break;
     }
-    if (was_connected)
+    if (ev.slot) {
         pa_add_relaxed(&m->hdr->dc.expirations, 1);
-    d->exp_seen[i] = newexp;
+        pres__ev_dev(m, &ev, PRES_EV_EXPIRE, i, gw, nw);
+    }
     pres__note(m, PRES_NOTE_DEV, i);
     return 0;
 }
@@ -415,12 +430,18 @@ static void client_gone(pd_t *d, const pd_gone_t *g, size_t n, int dead)
             pa_store_release(&gw->state, PRES_GW_READY);
         }
     }
+    /* Their claims in the change feed, while their latch values name
+     * nobody else. */
+    pd_feed_gone(d, slots);
     for (uint32_t i = 0; i < PRES_READER_SLOTS; i++)
         if (slots[i])
             pa_store_release(&m->rslots[i].owner, 0);
     for (int k = 0; k < PRES_RK_COUNT; k++)
         dead_ring_records(d, g, n, k);
     d->sweep_soon = 1;
+    /* A writer killed between a change and its note leaves the timers
+     * unaware of it: they look at every record again. */
+    d->resync |= PD_RESYNC_TIMERS;
 }
 
 /* Reader slots whose client slot was freed or reused without them being
@@ -502,18 +523,12 @@ static unsigned dev_examine(pd_t *d, uint32_t i, uint64_t nm, uint64_t nw)
             }
             pa_add_relaxed(&m->hdr->dc.evictions, 1);
             pa_add_relaxed(&m->hdr->dc.devices_gone, 1);
+            pd_timers_dev_gone(d, i);
             return PRES_DS_DEAD;
         }
     }
+    /* Connected devices and expirations are counted by the timers. */
     d->pass_devices++;
-    if (st == PRES_DS_CONNECTED) {
-        if (exp > nm) {
-            d->pass_connected++;
-        } else if (d->exp_seen[i] != exp) {
-            d->exp_seen[i] = exp;              /* a TTL passed: counted once */
-            pa_add_relaxed(&m->hdr->dc.expirations, 1);
-        }
-    }
     return st;
 }
 
@@ -644,6 +659,7 @@ static int user_remove(pd_t *d, uint32_t u, void *ctx)
 static void user_removed(pd_t *d, uint32_t u, void *ctx)
 {
     (void)ctx;
+    pd_timers_user_gone(d, u);
     d->user_empty[u] = 0;
     pa_store(&d->m.users[u].alloc, PRES_ALLOC_RETIRED);
     pd_retire(d, u, PRES_RK_USER);
@@ -703,10 +719,9 @@ static void index_passes(pd_t *d, uint64_t nm, uint64_t nw)
         dev_chain_pass(d, b, nm, nw);
     d->hb_pos = end;
     if (end == m->dev_mask + 1) {
-        pa_store(&m->hdr->dc.connected, d->pass_connected);
         correct_count(d, 0, d->pass_devices);
         d->hb_pos = 0;
-        d->pass_devices = d->pass_connected = 0;
+        d->pass_devices = 0;
     }
     end = d->ub_pos + chunk_of(m->user_mask + 1);
     if (end > m->user_mask + 1)
@@ -821,7 +836,6 @@ static void free_record(pd_t *d, const pd_retired_t *e)
     case PRES_RK_DEV:
         gen = &m->devs[e->idx].gen;
         pa_store(&m->devs[e->idx].live, 0);
-        d->exp_seen[e->idx] = 0;
         d->unl[e->idx] = 0;
         d->dead_seen[e->idx] = 0;
         break;
@@ -991,6 +1005,8 @@ void pd_tick(pd_t *d)
      * a second; the slow check catches the rest. */
     if (d->gw_check || (d->gw_dying && d->ticks % 10 == 0))
         gateways_pass(d);
+    pd_feed_tick(d, nm);
+    pd_timers_tick(d, nm, nw);
     index_passes(d, nm, nw);
     /* The sweep reads every record: five times a second for a small
      * store, every few seconds for a large one, and at once after a client
@@ -1062,12 +1078,11 @@ static int adopt_ring(pd_t *d, int kind)
 int pd_adopt(pd_t *d)
 {
     pres_map_t *m = &d->m;
-    d->exp_seen = calloc(m->dev_cap, sizeof *d->exp_seen);
     d->unl = calloc(m->dev_cap, 1);
     d->dead_seen = calloc(m->dev_cap, 1);
     d->user_empty = calloc(m->user_cap, 1);
     d->gw_pending = calloc(m->gw_cap, sizeof *d->gw_pending);
-    if (!d->exp_seen || !d->unl || !d->dead_seen || !d->user_empty || !d->gw_pending)
+    if (!d->unl || !d->dead_seen || !d->user_empty || !d->gw_pending)
         return -ENOMEM;
     for (int k = 0; k < PRES_RK_COUNT; k++)
         if (!(d->offered[k] = calloc(m->rcap[k], sizeof *d->offered[k])))
@@ -1083,6 +1098,8 @@ int pd_adopt(pd_t *d)
     for (int k = 0; k < PRES_RK_COUNT; k++)
         if ((rc = adopt_ring(d, k)) < 0)
             return rc;
+    if ((rc = pd_feed_init(d)) < 0 || (rc = pd_timers_init(d)) < 0)
+        return rc;
     return 0;
 }
 
@@ -1096,8 +1113,9 @@ void pd_shutdown(pd_t *d)
     pres_client_t *me = &m->clients[PRES_DAEMON_CLIENT];
     pa_store(&me->ready, 0);
     pa_store_release(&me->pid, 0);
+    pd_timers_free(d);
+    pd_feed_free(d);
     free(d->ret);
-    free(d->exp_seen);
     free(d->unl);
     free(d->dead_seen);
     free(d->user_empty);
