@@ -197,6 +197,9 @@ static int dev_expire(pd_t *d, uint32_t i, uint64_t nm, uint64_t nw)
     for (;;) {
         if (PRES_LIVE_STATE(L) != PRES_DS_CONNECTED || PRES_LIVE_EXPIRY(L) > nm)
             return 0;
+        if (pa_load(&r->announced) ==
+            PRES_ANN(pa_load(&r->cid[PRES_LIVE_SEQ(L) & 1]), PRES_LIVE_EXPIRY(L)))
+            return 0;                /* said already (a sweep looks again) */
         unsigned holder = PRES_LIVE_LATCH(L);
         if (holder && pd_latch_live(d, holder))
             return -EBUSY;
@@ -211,14 +214,19 @@ static int dev_expire(pd_t *d, uint32_t i, uint64_t nm, uint64_t nw)
     unsigned k = PRES_LIVE_SEQ(L) & 1;
     uint32_t cid = pa_load(&r->cid[k]), gw = pa_load(&r->conn[k].gw);
     uint64_t exp = PRES_LIVE_EXPIRY(L);
-    if (pa_load(&r->announced) != PRES_ANN(cid, exp)) {
-        pres_evc_t c;
-        pres__ev_claim(m, PRES_DAEMON_LATCH, &c);
-        pa_store(&r->announced, PRES_ANN(cid, exp));
-        pa_add_relaxed(&m->hdr->dc.expirations, 1);
-        pres__ev_dev(m, &c, PRES_EV_EXPIRE, i, gw, nw);
-        pres__ev_typing_end(m, PRES_DAEMON_LATCH, i, gw, nw);
+    if (pa_load(&r->announced) == PRES_ANN(cid, exp)) {
+        /* A writer said it while we looked: nothing to announce, and no
+         * heartbeat can be misled by a latch we take and drop. */
+        while (!pa_cas(&r->live, &L, L & ~LIVE_LATCH_MASK))
+            ;
+        return 0;
     }
+    pres_evc_t c;
+    pres__ev_claim(m, PRES_DAEMON_LATCH, &c);
+    pa_store(&r->announced, PRES_ANN(cid, exp));
+    pa_add_relaxed(&m->hdr->dc.expirations, 1);
+    pres__ev_dev(m, &c, PRES_EV_EXPIRE, i, gw, nw);
+    pres__ev_typing_end(m, PRES_DAEMON_LATCH, i, gw, nw);
     /* The same connection into the idle copy, published with seq + 1. */
     pa_store(&r->conn[k ^ 1].gw, gw);
     pa_store(&r->conn[k ^ 1].flags, pa_load(&r->conn[k].flags));
