@@ -422,6 +422,48 @@ static void test_expire_by_gateway_death(void **state)
     pres_close(p);
 }
 
+/* Each expiry is announced once, also across a restart of the daemon: one
+ * announced before the daemon was killed is not announced again, one that
+ * passed while no daemon ran is announced by the next. */
+static void test_expiry_once_across_restart(void **state)
+{
+    (void)state;
+    start(NULL, NULL, NULL, NULL);
+    pres_t *p = open_h(PRES_RDWR);
+    uint64_t cur = cursor_now(p);
+    assert_rc(pres_connect(p, "ur", "before", "gr", 200, NULL), 0);
+    assert_rc(pres_connect(p, "ur", "keep", "gr", LONG_TTL, NULL), 0);
+    int expired = 0;
+    while (!expired) {
+        pres_event_t e = next_ev(p, &cur);
+        expired = e.kind == PRES_EV_EXPIRE;
+        if (expired)
+            assert_string_equal(e.device_id, "before");
+    }
+    th_daemon_kill(&S);
+    assert_rc(pres_connect(p, "ur", "during", "gr", 100, NULL), 0);
+    wait_dev(p, "during", 0);
+    const char *args[] = { "--capacity", "4096", "--offline-grace-ms", "200", NULL };
+    assert_int_equal(th_daemon_start(&S, args), 0);
+    int during = 0;
+    pres_event_t e;
+    while (pres_watch(p, &cur, &e, 1000) == 0) {
+        if (e.kind == PRES_EV_EXPIRE) {
+            assert_string_equal(e.device_id, "during");
+            during++;
+        } else if (e.kind != PRES_EV_CONNECT && e.kind != PRES_EV_USER_STATUS) {
+            print_ev("unexpected", &e);
+            fail();
+        }
+    }
+    assert_int_equal(during, 1);
+    /* And once more: a restart announces nothing new. */
+    assert_int_equal(th_daemon_stop(&S), 0);
+    assert_int_equal(th_daemon_start(&S, args), 0);
+    expect_quiet(p, &cur, 1000);
+    pres_close(p);
+}
+
 /* ------------------------------------------------------------------------ */
 /* Status events: only real changes of the aggregate                         */
 
@@ -976,6 +1018,7 @@ int main(void)
         cmocka_unit_test_teardown(test_expire_by_ttl, teardown),
         cmocka_unit_test_teardown(test_heartbeats, teardown),
         cmocka_unit_test_teardown(test_expire_by_gateway_death, teardown),
+        cmocka_unit_test_teardown(test_expiry_once_across_restart, teardown),
         cmocka_unit_test_teardown(test_user_status_transitions, teardown),
         cmocka_unit_test_teardown(test_status_silent, teardown),
         cmocka_unit_test_teardown(test_typing_stop, teardown),
