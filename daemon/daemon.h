@@ -11,6 +11,9 @@
 
 enum { LOG_ERR = 0, LOG_WARN, LOG_INFO, LOG_DEBUG };
 
+/* The daemon's tick: its passes, repairs and timers run every this long. */
+#define PD_TICK_MS 20
+
 typedef struct {
     char     name[64];
     char     db[4096];

@@ -25,8 +25,6 @@
 #include "daemon.h"
 #include "store.h"
 
-#define PD_TICK_MS 20
-
 int pd_log_level = LOG_INFO;
 static volatile sig_atomic_t stop_flag, reload_flag;
 

@@ -5,13 +5,15 @@
  *   1. clients: find the dead (liveness.c) and repair what they held;
  *   2. gateways: end the connections of gateways whose process died or
  *      closed its handle;
+ *   the change feed's repairs (feed.c) and the timers (timers.c): expiry,
+ *   typing and status events, the connected count;
  *   3. the device index, a chunk of buckets a tick: repair latches of dead
  *      writers, evict devices offline longer than retain_ms, unlink DEAD
  *      records from their chain (one walk per chain, never one walk per
- *      record), count what is held and connected;
+ *      record), count what is held;
  *   4. the user index, a chunk of buckets a tick: unlink DEAD devices from
  *      each user's list, retire users left without devices;
- *   5. a record-table sweep every few seconds for what no chain reaches
+ *   5. a record-table sweep now and then for what no chain reaches
  *      (records a client abandoned half-linked);
  *   6. grace periods: advance the epoch, free what every reader passed;
  *   7. rings: take back records handed out and never claimed by a client
@@ -35,16 +37,28 @@
 #define LIVE_LATCH_MASK   (~(uint64_t)0 << 50)
 #define LIVE_STATE_MASK   (UINT64_C(3) << 40)
 /* Buckets a pass visits a tick: a small index every tick; a large one in
- * PASS_TICKS ticks (a million devices: 20,972 buckets a tick, a full pass
- * a second), so the daemon's work per second stays proportional to the
- * store, not to the tick rate. */
+ * PASS_TICKS ticks (a million devices: 1,049 buckets a tick, a full pass
+ * every 20 s), or faster when --retain-ms asks for evictions sooner (a
+ * pass every quarter of it, at most one a second), so the daemon's work
+ * per second stays proportional to the store, not to the tick rate.  What
+ * needs promptness is done elsewhere:
+ * expiries, status changes and the connected count by the timers
+ * (timers.c), a dead writer's latches by its repair (client_gone); the
+ * passes evict, unlink what was superseded, retire empty users and
+ * correct the counts, which can wait seconds.  A pass of a million
+ * devices touches two million records at random (the index and the users'
+ * lists), about half a second of a core: once a second that was most of
+ * the daemon's CPU at steady state. */
 #define SMALL_INDEX       65536u
-#define PASS_TICKS        50u
+#define PASS_TICKS        1000u
+#define PASS_TICKS_MIN    (1000u / PD_TICK_MS)
 /* Checks that only repair after crashes or catch what an event missed run
  * every this many ticks (1 s). */
 #define SLOW_TICKS        50u
-/* The record-table sweep runs every this many ticks (5 s). */
-#define SWEEP_TICKS       250u
+/* The record-table sweep, which finds only what crashed clients left
+ * half-done (and runs at once after a death), runs every this many ticks
+ * for a large store (30 s). */
+#define SWEEP_TICKS       1500u
 
 #define UNL_HASH 1u
 #define UNL_USER 2u
@@ -704,30 +718,75 @@ static void correct_count(pd_t *d, int users, uint64_t counted)
     *last = diff;
 }
 
-static uint64_t chunk_of(uint64_t buckets)
+static uint64_t chunk_of(const pd_t *d, uint64_t buckets)
 {
-    return buckets <= SMALL_INDEX ? buckets : (buckets + PASS_TICKS - 1) / PASS_TICKS;
+    if (buckets <= SMALL_INDEX)
+        return buckets;
+    uint64_t ticks = d->cfg.retain_ms / 4 / PD_TICK_MS;
+    ticks = ticks < PASS_TICKS_MIN ? PASS_TICKS_MIN : ticks > PASS_TICKS ? PASS_TICKS : ticks;
+    return (buckets + ticks - 1) / ticks;
+}
+
+/* The passes visit records in bucket order, each one a miss at a random
+ * place: start the misses of the chains a few buckets ahead (a user's
+ * record, then its first device), so that they overlap instead of coming
+ * one after the other. */
+#define PASS_AHEAD 8u
+
+static void prefetch_dev_chain(const pres_map_t *m, uint64_t b)
+{
+    if (b > m->dev_mask)
+        return;
+    uint64_t l = pa_load(&m->dev_buckets[b]);
+    if (!PRES_LINK_IS_NULLS(l) && PRES_LINK_IDX(l) < m->dev_cap)
+        __builtin_prefetch(&m->devs[PRES_LINK_IDX(l)]);
+}
+
+static void prefetch_user_chain(const pres_map_t *m, uint64_t b, int devices)
+{
+    if (b > m->user_mask)
+        return;
+    uint64_t l = pa_load(&m->user_buckets[b]);
+    if (PRES_LINK_IS_NULLS(l) || PRES_LINK_IDX(l) >= m->user_cap)
+        return;
+    const pres_user_t *u = &m->users[PRES_LINK_IDX(l)];
+    if (!devices) {
+        __builtin_prefetch(u);
+        return;
+    }
+    uint64_t dl = pa_load(&u->dhead);
+    if (dl != PRES_LINK_RETIRED && !PRES_LINK_IS_NULLS(dl) && PRES_LINK_IDX(dl) < m->dev_cap)
+        __builtin_prefetch(&m->devs[PRES_LINK_IDX(dl)]);
 }
 
 static void index_passes(pd_t *d, uint64_t nm, uint64_t nw)
 {
     pres_map_t *m = &d->m;
-    uint64_t end = d->hb_pos + chunk_of(m->dev_mask + 1);
+    uint64_t end = d->hb_pos + chunk_of(d, m->dev_mask + 1);
     if (end > m->dev_mask + 1)
         end = m->dev_mask + 1;
-    for (uint64_t b = d->hb_pos; b < end; b++)
+    for (uint64_t b = d->hb_pos; b < d->hb_pos + PASS_AHEAD && b < end; b++)
+        prefetch_dev_chain(m, b);
+    for (uint64_t b = d->hb_pos; b < end; b++) {
+        prefetch_dev_chain(m, b + PASS_AHEAD);
         dev_chain_pass(d, b, nm, nw);
+    }
     d->hb_pos = end;
     if (end == m->dev_mask + 1) {
         correct_count(d, 0, d->pass_devices);
         d->hb_pos = 0;
         d->pass_devices = 0;
     }
-    end = d->ub_pos + chunk_of(m->user_mask + 1);
+    end = d->ub_pos + chunk_of(d, m->user_mask + 1);
     if (end > m->user_mask + 1)
         end = m->user_mask + 1;
-    for (uint64_t b = d->ub_pos; b < end; b++)
+    for (uint64_t b = d->ub_pos; b < d->ub_pos + 2 * PASS_AHEAD && b < end; b++)
+        prefetch_user_chain(m, b, 0);
+    for (uint64_t b = d->ub_pos; b < end; b++) {
+        prefetch_user_chain(m, b + 2 * PASS_AHEAD, 0);
+        prefetch_user_chain(m, b + PASS_AHEAD, 1);
         user_chain_pass(d, b);
+    }
     d->ub_pos = end;
     if (end == m->user_mask + 1) {
         correct_count(d, 1, d->pass_users);
@@ -1009,7 +1068,7 @@ void pd_tick(pd_t *d)
     pd_timers_tick(d, nm, nw);
     index_passes(d, nm, nw);
     /* The sweep reads every record: five times a second for a small
-     * store, every few seconds for a large one, and at once after a client
+     * store, every half minute for a large one, and at once after a client
      * died. */
     d->ticks++;
     if (d->sweep_soon || d->ticks % (m->dev_cap <= SMALL_INDEX ? 10 : SWEEP_TICKS) == 0) {
