@@ -20,12 +20,14 @@
  *     the copy before the state (the CAS releases).  It fails only if the
  *     claim was declared lost meanwhile (below): watchers got PRES_EV_LOST
  *     for s, and the event is dropped.
- *  5. wake watchers only if ev_sleepers is nonzero: bump ev_futex and
- *     FUTEX_WAKE the shared futex.  The publish and the load of
- *     ev_sleepers (both seq_cst), against a watcher's increment of
+ *  5. wake watchers only if ev_sleepers is set: clear it, bump ev_futex
+ *     and FUTEX_WAKE every waiter of the shared futex.  The publish and the
+ *     load of ev_sleepers (both seq_cst), against a watcher's setting of
  *     ev_sleepers and its load of the slot's word (both seq_cst), are a
  *     Dekker handshake: the writer sees the sleeper or the sleeper sees the
  *     event.  No wakeup is lost, and nobody asleep costs writers nothing.
+ *     ev_sleepers is a flag, not a count, so a watcher killed in its sleep
+ *     costs one needless wakeup, not a system call on every append.
  *
  * Claims left by writers that die or stop.  A writer killed between 1 and
  * 4 leaves its slot CLAIMED under its latch (its thread's reader slot + 1,
@@ -129,6 +131,10 @@ void pres__ev_wake(pres_map_t *m)
     /* seq_cst after the publishing CAS: see step 5 above. */
     if (pa_load_sc(&m->rhdr->ev_sleepers) == 0)
         return;
+    /* Cleared before the bump: a watcher that sets it again afterwards
+     * read the futex word after the bump, so it sees our event. */
+    if (pa_exchange(&m->rhdr->ev_sleepers, 0) == 0)
+        return;                  /* another writer is waking them */
     pa_fetch_add(&m->rhdr->ev_futex, 1);
     futex_wake_all(&m->rhdr->ev_futex);
 }
@@ -458,7 +464,8 @@ static int sleep_for(pres_map_t *m, uint64_t c, pres_event_t *ev, int64_t left_m
      * makes FUTEX_WAIT return at once (the value differs), and one whose
      * bump we see published its event before (acquire). */
     uint32_t v = pa_load_acquire(f);
-    pa_fetch_add(&m->rhdr->ev_sleepers, 1);
+    /* seq_cst, then the slot's word seq_cst: our half of step 5. */
+    pa_exchange(&m->rhdr->ev_sleepers, 1);
     int rc = try_read(m, c, ev, 1);
     if (rc == -EAGAIN) {
         struct timespec ts, *tp = NULL;
@@ -469,7 +476,8 @@ static int sleep_for(pres_map_t *m, uint64_t c, pres_event_t *ev, int64_t left_m
         }
         syscall(SYS_futex, f, FUTEX_WAIT, v, tp, NULL, 0);
     }
-    pa_fetch_add(&m->rhdr->ev_sleepers, (uint32_t)-1);
+    /* The flag stays: other watchers may sleep on; the next writer clears
+     * it (one wakeup too many at worst). */
     return rc;
 }
 

@@ -33,7 +33,9 @@ int pres__inspect_info(pres_t *p, pres_inspect_info_t *out);
 typedef struct {
     uint64_t capacity;           /* events the ring holds */
     uint64_t last_seq;           /* the last seq appended (0: none yet) */
-    uint64_t watchers_asleep;    /* watchers waiting in pres_watch now */
+    uint64_t watchers_asleep;    /* nonzero: a watcher may be waiting in
+                                    pres_watch now (cleared by the next
+                                    event) */
 } pres_inspect_feed_t;
 
 /** Fill *out.  @return 0 or a negative errno. */

@@ -477,9 +477,10 @@ typedef struct {
     uint64_t gp_epoch __attribute__((aligned(PRES_CACHELINE)));
     /* counters folded in from clients that are gone */
     uint64_t folded[PRES_C_COUNT] __attribute__((aligned(PRES_CACHELINE)));
-    /* the change feed's watchers: how many are (about to be) asleep, and
-     * the futex word they sleep on.  Here because every attached process,
-     * read-only ones too, must write them. */
+    /* the change feed's watchers: nonzero when one may be asleep (set by
+     * watchers before they sleep, cleared by the writer that wakes them),
+     * and the futex word they sleep on.  Here because every attached
+     * process, read-only ones too, must write them. */
     uint32_t ev_sleepers __attribute__((aligned(PRES_CACHELINE)));
     uint32_t ev_futex;
 } pres_rhdr_t;
