@@ -82,6 +82,8 @@ typedef struct {
     uint64_t       pass_devices, pass_users;
     uint64_t       ticks;
     int            sweep_soon;
+    int            sweeping;              /* a record-table sweep is under way */
+    uint32_t       sweep_dev, sweep_user; /* ... and where it is */
     int            gw_check, gw_dying;
     uint8_t       *dead_seen;             /* per device: DEAD at the last sweep */
     int64_t        devices_diff, users_diff;

@@ -477,6 +477,12 @@ int main(int argc, char **argv)
             next.tv_nsec -= 1000000000L;
         }
         pd_tick(&d);
+        struct timespec done;
+        clock_gettime(CLOCK_MONOTONIC, &done);
+        int64_t late_ms = (done.tv_sec - next.tv_sec) * 1000 +
+                          (done.tv_nsec - next.tv_nsec) / 1000000;
+        if (late_ms > 5 * PD_TICK_MS)
+            pd_log(LOG_DEBUG, "a tick took %lld ms", (long long)(late_ms + PD_TICK_MS));
         while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &next, NULL) == EINTR &&
                !stop_flag && !reload_flag)
             ;

@@ -819,11 +819,11 @@ static int user_linked(pres_map_t *m, uint32_t u)
  * client killed between linking a record into its user's list and into
  * the hash chain, or a connect that gave up); records PENDING with nobody
  * behind them; user records taken by a client that is gone and never
- * published. */
-static void table_sweep(pd_t *d)
+ * published.  Device records [from, to). */
+static void table_sweep_devices(pd_t *d, uint32_t from, uint32_t to)
 {
     pres_map_t *m = &d->m;
-    for (uint32_t i = 0; i < m->dev_cap; i++) {
+    for (uint32_t i = from; i < to; i++) {
         pres_dev_t *r = &m->devs[i];
         uint64_t a = pa_load(&r->alloc);
         if (a == PRES_ALLOC_FREE || a == PRES_ALLOC_POOLED || a == PRES_ALLOC_RETIRED)
@@ -863,7 +863,12 @@ static void table_sweep(pd_t *d)
             dev_maybe_retire(d, i, 0);
         }
     }
-    for (uint32_t u = 0; u < m->user_cap; u++) {
+}
+
+static void table_sweep_users(pd_t *d, uint32_t from, uint32_t to)
+{
+    pres_map_t *m = &d->m;
+    for (uint32_t u = from; u < to; u++) {
         pres_user_t *r = &m->users[u];
         uint64_t a = pa_load(&r->alloc);
         if (a == PRES_ALLOC_FREE || a == PRES_ALLOC_POOLED || a == PRES_ALLOC_RETIRED)
@@ -878,6 +883,27 @@ static void table_sweep(pd_t *d)
         pa_store(&r->alloc, PRES_ALLOC_RETIRED);
         pd_retire(d, u, PRES_RK_USER);
     }
+}
+
+/* A sweep of a large store goes a chunk a tick: a million records read in
+ * one tick would hold up the timers (expiry events) for most of a second. */
+#define SWEEP_CHUNK 32768u
+
+static void table_sweep(pd_t *d)
+{
+    pres_map_t *m = &d->m;
+    uint32_t chunk = m->dev_cap <= SMALL_INDEX ? UINT32_MAX : SWEEP_CHUNK;
+    if (d->sweep_dev < m->dev_cap) {
+        uint32_t to = m->dev_cap - d->sweep_dev > chunk ? d->sweep_dev + chunk : m->dev_cap;
+        table_sweep_devices(d, d->sweep_dev, to);
+        d->sweep_dev = to;
+        if (chunk != UINT32_MAX)
+            return;
+    }
+    uint32_t to = m->user_cap - d->sweep_user > chunk ? d->sweep_user + chunk : m->user_cap;
+    table_sweep_users(d, d->sweep_user, to);
+    d->sweep_user = to;
+    d->sweeping = to < m->user_cap;
 }
 
 /* ---- grace periods ------------------------------------------------------------- */
@@ -1073,8 +1099,11 @@ void pd_tick(pd_t *d)
     d->ticks++;
     if (d->sweep_soon || d->ticks % (m->dev_cap <= SMALL_INDEX ? 10 : SWEEP_TICKS) == 0) {
         d->sweep_soon = 0;
-        table_sweep(d);
+        d->sweeping = 1;
+        d->sweep_dev = d->sweep_user = 0;
     }
+    if (d->sweeping)
+        table_sweep(d);
     grace_periods(d, nm);
     claims_check(d);
     for (int k = 0; k < PRES_RK_COUNT; k++)
