@@ -470,13 +470,13 @@ static void test_expiry_once_across_restart(void **state)
 static void test_user_status_transitions(void **state)
 {
     (void)state;
-    start("--idle-after-ms", "300", NULL, NULL);
+    start("--idle-after-ms", "1000", NULL, NULL);
     pres_t *p = open_h(PRES_RDWR);
     uint64_t cur = cursor_now(p);
     assert_rc(pres_connect(p, "us", "ds", "gs", LONG_TTL, NULL), 0);
     expect(p, &cur, PRES_EV_CONNECT, "us", "ds", "gs");
     expect_status(p, &cur, "us", PRES_ACTIVE_NOW);
-    /* The idle timer: no interaction for 300 ms. */
+    /* The idle timer: no interaction for 1 s. */
     expect_status(p, &cur, "us", PRES_IDLE_NOW);
     assert_rc(pres_set_activity(p, "ds", PRES_ACTIVE), 0);
     expect_status(p, &cur, "us", PRES_ACTIVE_NOW);
@@ -585,7 +585,7 @@ static void test_typing_stop(void **state)
     expect_status(p, &cur, "ut", PRES_OFFLINE);
 
     /* Its device expires: the expiry stops it. */
-    assert_rc(pres_connect(p, "ut", "dt", "gt", 400, NULL), 0);
+    assert_rc(pres_connect(p, "ut", "dt", "gt", 1500, NULL), 0);
     expect(p, &cur, PRES_EV_CONNECT, "ut", "dt", "gt");
     expect_status(p, &cur, "ut", PRES_ACTIVE_NOW);
     make_typing(p, "dt", "conv-exp", 60000);
