@@ -48,9 +48,11 @@
 #define TW_RES_MS     4u
 #define TW_SLOTS      8192u
 #define NONE          UINT32_MAX
-/* Records a resync sweep examines a tick: a million devices in 16 ticks,
- * so a sweep never holds up the expiries due meanwhile for long. */
-#define SWEEP_CHUNK   65536u
+/* Records a resync sweep examines a tick (a user among them costs a walk
+ * of its devices): a million devices and their users in about two
+ * seconds, a few milliseconds a tick, so that a sweep never holds up the
+ * expiries due meanwhile for long. */
+#define SWEEP_CHUNK   16384u
 /* A device whose latch a live writer holds is looked at again this soon:
  * the writer is a few stores from done. */
 #define BUSY_RETRY_MS 4u

@@ -494,7 +494,8 @@ static void test_user_status_transitions(void **state)
     pres_event_t e = next_ev(p, &cur);
     assert_int_equal(e.kind, PRES_EV_USER_STATUS);
     assert_int_equal(e.status, PRES_OFFLINE);
-    assert_true(e.at_ms >= t0 + 200);
+    /* Times come from the coarse monotonic clock (4 ms steps). */
+    assert_true(e.at_ms + 10 >= t0 + 200);
     pres_close(p);
 }
 
