@@ -15,12 +15,17 @@
  *                 with the pres_device batches), LMDB (mdb_get in one read
  *                 txn and with a txn per lookup, mdb_put in its own txn
  *                 without sync), liburcu's in-process cds_lfht lookup;
+ *   the feed      the cost an event adds to pres_connect, the events per
+ *                 second the change feed sustains (appenders in one and two
+ *                 processes, with and without a watcher draining), and the
+ *                 lag of expiry events at 1 M devices with the daemon's CPU
+ *                 meanwhile;
  *   presenced     its CPU at a steady 33 k heartbeats/s, and the region's
  *                 bytes per device.
  *
  * It ends with a table of the targets of DESIGN.md, each met or not.  The
  * figures are reported, never asserted: the machines are noisy.  The whole
- * run takes about a minute on a 2-core VM.
+ * run takes about two minutes on a 2-core VM.
  *
  * Times are ratios first: the machines are noisy and ratios carry across
  * them better than nanoseconds (DESIGN.md).  Every figure is the median of
@@ -57,6 +62,9 @@
 #include <urcu/rculfhash.h>
 
 #include "presence.h"
+/* The feed benchmarks append raw events, as the library does inside a
+ * write, to measure the feed alone: its private interface. */
+#include "store.h"
 
 /* ------------------------------------------------------------------------ */
 /* The dataset and the sizes of the runs                                     */
@@ -83,6 +91,11 @@
 #define DENY_USERS     4000u       /* users with a 64-entry deny list: 65
                                       exception entries each, 260,000 of the
                                       default 262,144 */
+#define APPENDS        1000000u    /* events one appender appends a run */
+#define RECONN_BATCH   200000u     /* reconnects in place per measured batch */
+#define LAG_TTL_MS     5000u       /* the expiry-lag run: TTLs of 5 s ... */
+#define LAG_SPREAD_MS  5000u       /* ... to 10 s, over the devices */
+#define LAG_RATE       300000u     /* its reconnects per second */
 #define STEADY_S       5u          /* long enough for a few daemon passes */
 #define DRAM_BYTES     ((size_t)256 << 20)
 #define LINE           64u
@@ -1113,6 +1126,385 @@ static void measure_interference(bctx_t *c, interference_t *r)
 }
 
 /* ------------------------------------------------------------------------ */
+/* The change feed                                                           */
+
+/* What feed children share with the parent, and the expiry-lag run's
+ * per-device times (wall ms; 0: not seen). */
+typedef struct {
+    uint64_t t0[3], t1[3];            /* appenders' runs */
+    uint64_t w_from, w_end;           /* the drainer's first seq; 1 + the last */
+    uint64_t w_read, w_overflows, w_t1;
+    uint64_t lag_expired, lag_overflows, lag_done;
+} fshm_t;
+
+static fshm_t *g_fs;
+static uint64_t *g_conn_at, *g_exp_at;
+
+typedef struct {
+    row_t append, reconn, hbref;      /* ns per op */
+    double rate1, rate2, rate1w;      /* events/s: 1 process, 2, 1 + a watcher */
+    double w_rate;                    /* the watcher's reads/s */
+    double w_lag_ms;                  /* it finished this long after the appender */
+    uint64_t w_overflows;
+    double lag50, lag90, lag99, lagmax, lagmin;
+    uint64_t lag_n, lag_overflows;
+    double cpu_reconnect, cpu_expiry;  /* presenced, % of a core */
+    double expiry_rate;               /* expiries per second announced */
+} feed_t;
+
+static unsigned my_latch(pres_t *p)
+{
+    pres_rs_t *t = pres__gp_enter(p);
+
+    if (!t)
+        die("no reader slot for the feed benchmark");
+    unsigned latch = t->index + 1;
+    pres__gp_leave(t);
+    return latch;
+}
+
+/* n raw CONNECT-sized events, as one writer; ns per event. */
+static double append_batch(pres_t *p, unsigned latch, uint32_t n)
+{
+    uint64_t t0 = now_ns();
+
+    for (uint32_t k = 0; k < n; k++)
+        pres__ev_emit(&p->m, latch, PRES_EV_CONNECT, 0, "u_0000000001", 12,
+                      "d_0000000002", 12, "gw_03", 5, NULL, 0, 1700000000000ull + k);
+    return (double)(now_ns() - t0) / n;
+}
+
+static pid_t feed_child(int (*fn)(int), int arg)
+{
+    fflush(stdout);
+    pid_t pid = fork();
+
+    if (pid < 0)
+        die("fork: %s", strerror(errno));
+    if (pid == 0) {
+        prctl(PR_SET_PDEATHSIG, SIGKILL);
+        if (getppid() != g_parent)
+            _exit(1);
+        _exit(fn(arg));
+    }
+    g_kids[g_nkids++] = pid;
+    return pid;
+}
+
+static void feed_reap(pid_t pid)
+{
+    int st;
+
+    if (waitpid(pid, &st, 0) != pid || !WIFEXITED(st) || WEXITSTATUS(st) != 0)
+        die("feed child %d failed (status 0x%x)", (int)pid, st);
+    for (int i = 0; i < g_nkids; i++)
+        if (g_kids[i] == pid)
+            g_kids[i] = g_kids[--g_nkids];
+}
+
+static int appender_main(int idx)
+{
+    pres_t *p;
+
+    check(pres_open(&p, STORE_NAME, PRES_RDWR), "pres_open", STORE_NAME);
+    unsigned latch = my_latch(p);
+    g_fs->t0[idx] = now_ns();
+    append_batch(p, latch, APPENDS);
+    g_fs->t1[idx] = now_ns();
+    pres_close(p);
+    return 0;
+}
+
+/* Reads from seq w_from until the parent says where the appends ended and
+ * the cursor is there. */
+static int drainer_main(int unused)
+{
+    pres_t *p;
+    pres_event_t e;
+    uint64_t cur = g_fs->w_from, n = 0;
+
+    (void)unused;
+    check(pres_open(&p, STORE_NAME, PRES_RDONLY), "pres_open", STORE_NAME);
+    for (;;) {
+        uint64_t end = __atomic_load_n(&g_fs->w_end, __ATOMIC_ACQUIRE);
+        if (end && cur >= end)
+            break;
+        int rc = pres_watch(p, &cur, &e, 100);
+        if (rc == -EOVERFLOW) {
+            g_fs->w_overflows++;
+            continue;
+        }
+        if (rc == -ETIMEDOUT)
+            continue;
+        if (rc < 0)
+            break;
+        n++;
+        g_sink += e.at_ms;
+    }
+    g_fs->w_t1 = now_ns();
+    g_fs->w_read = n;
+    pres_close(p);
+    return 0;
+}
+
+static double rate_of(int first, int n)
+{
+    uint64_t t0 = UINT64_MAX, t1 = 0;
+
+    for (int i = first; i < first + n; i++) {
+        t0 = g_fs->t0[i] < t0 ? g_fs->t0[i] : t0;
+        t1 = g_fs->t1[i] > t1 ? g_fs->t1[i] : t1;
+    }
+    return (double)n * APPENDS * 1e9 / (double)(t1 - t0);
+}
+
+static uint64_t last_seq(pres_t *p)
+{
+    pres_stats_t st;
+
+    stats(p, &st);
+    return st.events;
+}
+
+/* Events per second: one appender (this process), two processes, and one
+ * process with a watcher process draining the feed as it goes (one core
+ * each on a 2-core machine). */
+static void measure_feed_rates(pres_t *wr, feed_t *F)
+{
+    double v[REPS];
+    unsigned latch = my_latch(wr);
+
+    append_batch(wr, latch, WARMUP);
+    for (int i = 0; i < REPS; i++)
+        v[i] = append_batch(wr, latch, RECONN_BATCH);
+    summarize(&F->append, "event append (the feed alone)", v, REPS);
+    F->rate1 = 1e9 / F->append.med;
+
+    pid_t a = feed_child(appender_main, 0), b = feed_child(appender_main, 1);
+    feed_reap(a);
+    feed_reap(b);
+    F->rate2 = rate_of(0, 2);
+
+    g_fs->w_from = last_seq(wr) + 1;
+    g_fs->w_end = 0;
+    g_fs->w_overflows = 0;
+    pid_t w = feed_child(drainer_main, 0);
+    sleep_ms(100);                  /* the watcher is waiting */
+    a = feed_child(appender_main, 0);
+    feed_reap(a);
+    __atomic_store_n(&g_fs->w_end, last_seq(wr) + 1, __ATOMIC_RELEASE);
+    feed_reap(w);
+    F->rate1w = rate_of(0, 1);
+    F->w_rate = (double)g_fs->w_read * 1e9 / (double)(g_fs->w_t1 - g_fs->t0[0]);
+    F->w_lag_ms = (double)(g_fs->w_t1 - g_fs->t1[0]) / 1e6;
+    F->w_overflows = g_fs->w_overflows;
+}
+
+/* pres_connect of a connected device in place (one CONNECT event each),
+ * beside the append alone and a heartbeat (no event). */
+static double b_reconnect(bctx_t *c)
+{
+    uint64_t t0 = now_ns();
+
+    for (size_t k = 0, j = c->off; k < c->n; k++, j = (j + 1) % N_DEV) {
+        uint32_t i = c->d->perm[j];
+        int rc = pres_connect(c->wr, c->d->user[i / 2].s, c->d->dev[i].s,
+                              c->d->gw[i % N_GW].s, TTL_MS, NULL);
+        if (rc < 0)
+            check(rc, "pres_connect", c->d->dev[i].s);
+    }
+    return (double)(now_ns() - t0) / (double)c->n;
+}
+
+/* Wait (bounded) until the feed is quiet: the daemon's status events
+ * after a load must not land inside the next measurement. */
+static void feed_quiet(pres_t *p, unsigned deadline_ms)
+{
+    uint64_t t0 = now_ns(), end = t0 + (uint64_t)deadline_ms * 1000000u;
+    uint64_t seq = last_seq(p), since = t0;
+
+    while (now_ns() < end) {
+        sleep_ms(50);
+        uint64_t s = last_seq(p);
+        if (s != seq) {
+            seq = s;
+            since = now_ns();
+        } else if (now_ns() - since > 500000000u) {
+            printf("  the feed is quiet %.0f ms after the load (last seq %" PRIu64 ")\n",
+                   (double)(now_ns() - t0) / 1e6, seq);
+            return;
+        }
+    }
+    printf("  note: the feed still moves after %u ms; measuring anyway\n", deadline_ms);
+}
+
+/* Device index of "d_%010u", or -1. */
+static long dev_index(const char *id)
+{
+    if (strncmp(id, "d_", 2) != 0)
+        return -1;
+    char *end;
+    long i = strtol(id + 2, &end, 10);
+    return *end || i < 0 || i >= (long)N_DEV ? -1 : i;
+}
+
+/* The lag run's watcher: CONNECT and EXPIRE times of every device. */
+static int lag_watcher_main(int unused)
+{
+    pres_t *p;
+    pres_event_t e;
+    uint64_t cur = g_fs->lag_done, seen = 0, idle = 0;
+
+    (void)unused;
+    check(pres_open(&p, STORE_NAME, PRES_RDONLY), "pres_open", STORE_NAME);
+    while (seen < N_DEV && idle < 30) {
+        int rc = pres_watch(p, &cur, &e, 1000);
+        if (rc == -ETIMEDOUT) {
+            idle++;
+            continue;
+        }
+        idle = 0;
+        if (rc == -EOVERFLOW) {
+            g_fs->lag_overflows++;
+            continue;
+        }
+        if (rc < 0)
+            break;
+        long i = dev_index(e.device_id);
+        if (i < 0)
+            continue;
+        if (e.kind == PRES_EV_CONNECT)
+            g_conn_at[i] = e.at_ms;
+        else if (e.kind == PRES_EV_EXPIRE && !g_exp_at[i]) {
+            g_exp_at[i] = e.at_ms;
+            seen++;
+            __atomic_store_n(&g_fs->lag_expired, seen, __ATOMIC_RELAXED);
+        }
+    }
+    pres_close(p);
+    return 0;
+}
+
+static uint32_t lag_ttl(uint32_t j)
+{
+    return LAG_TTL_MS + (uint32_t)((uint64_t)j * LAG_SPREAD_MS / N_DEV);
+}
+
+/*
+ * Expiry lag at 1 M devices: every device reconnected (paced) with a TTL
+ * from 5 s to 10 s by its place in the random order, and a watcher process
+ * noting each device's CONNECT and EXPIRE; lag = EXPIRE's at_ms - (its
+ * CONNECT's at_ms + TTL), the same clocks the library computes expires_at
+ * with.  presenced's CPU over the reconnects and over the expiries.
+ */
+static void measure_expiry_lag(pres_t *wr, const data_t *d, feed_t *F)
+{
+    size_t bytes = N_DEV * sizeof(uint64_t);
+
+    g_conn_at = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    g_exp_at = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (g_conn_at == MAP_FAILED || g_exp_at == MAP_FAILED)
+        die("mmap: %s", strerror(errno));
+    g_fs->lag_done = last_seq(wr) + 1;
+    g_fs->lag_expired = g_fs->lag_overflows = 0;
+    pid_t w = feed_child(lag_watcher_main, 0);
+    sleep_ms(100);
+
+    double cpu0 = daemon_cpu_s();
+    uint64_t t0 = now_ns(), next = t0;
+    for (uint32_t j = 0; j < N_DEV; j++) {
+        uint32_t i = d->perm[j];
+        check(pres_connect(wr, d->user[i / 2].s, d->dev[i].s, d->gw[i % N_GW].s,
+                           lag_ttl(j), NULL), "pres_connect", d->dev[i].s);
+        if (j % (LAG_RATE / 1000) == LAG_RATE / 1000 - 1) {
+            next += 1000000u;
+            sleep_until_ns(next);
+        }
+    }
+    uint64_t t1 = now_ns();
+    double cpu1 = daemon_cpu_s();
+    F->cpu_reconnect = (cpu1 - cpu0) * 100.0 / ((double)(t1 - t0) / 1e9);
+    /* The expiries: from the first TTL's end to the last's, and a second. */
+    sleep_until_ns(t0 + LAG_TTL_MS * 1000000ull);
+    double cpu2 = daemon_cpu_s();
+    uint64_t t2 = now_ns();
+    while (__atomic_load_n(&g_fs->lag_expired, __ATOMIC_RELAXED) < N_DEV &&
+           now_ns() < t1 + (LAG_TTL_MS + LAG_SPREAD_MS + 20000) * 1000000ull)
+        sleep_ms(10);
+    uint64_t t3 = now_ns();
+    double cpu3 = daemon_cpu_s();
+    F->cpu_expiry = (cpu3 - cpu2) * 100.0 / ((double)(t3 - t2) / 1e9);
+    F->expiry_rate = (double)__atomic_load_n(&g_fs->lag_expired, __ATOMIC_RELAXED) * 1e9 /
+                     (double)(t3 - t2);
+    feed_reap(w);
+
+    double *lag = xmalloc(N_DEV * sizeof *lag);
+    size_t n = 0;
+    for (uint32_t j = 0; j < N_DEV; j++) {
+        uint32_t i = d->perm[j];
+        if (g_conn_at[i] && g_exp_at[i])
+            lag[n++] = (double)((int64_t)g_exp_at[i] - (int64_t)(g_conn_at[i] + lag_ttl(j)));
+    }
+    F->lag_n = n;
+    F->lag_overflows = g_fs->lag_overflows;
+    if (n) {
+        F->lag50 = quantile(lag, n, 0.5);
+        F->lag90 = quantile(lag, n, 0.9);
+        F->lag99 = quantile(lag, n, 0.99);
+        F->lagmax = lag[n - 1];
+        F->lagmin = lag[0];
+    }
+    free(lag);
+    munmap(g_conn_at, bytes);
+    munmap(g_exp_at, bytes);
+}
+
+static void run_feed_benchmarks(pres_t *wr, data_t *d, feed_t *F)
+{
+    bctx_t c = { .rd = wr, .wr = wr, .d = d, .n = RECONN_BATCH };
+
+    g_fs = mmap(NULL, sizeof *g_fs, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (g_fs == MAP_FAILED)
+        die("mmap: %s", strerror(errno));
+    printf("measuring the change feed: pres_connect in place, appends in 1 and 2 "
+           "processes...\n");
+    fflush(stdout);
+    /* The heartbeats first: the reconnects make the dataset's refs stale. */
+    measure(&F->hbref, "pres_heartbeat_ref (no event)", b_heartbeat_ref, &c);
+    measure(&F->reconn, "pres_connect in place (one event)", b_reconnect, &c);
+    measure_feed_rates(wr, F);
+    feed_quiet(wr, 30000);
+    printf("measuring the lag of expiry events: 1 M devices, TTLs %u..%u ms...\n",
+           LAG_TTL_MS, LAG_TTL_MS + LAG_SPREAD_MS);
+    fflush(stdout);
+    measure_expiry_lag(wr, d, F);
+    munmap(g_fs, sizeof *g_fs);
+}
+
+static void print_feed(const feed_t *F)
+{
+    printf("\nthe change feed\n");
+    printf("  %-40s %9.1f ns/op (min %.1f, max %.1f)\n", F->append.name, F->append.med,
+           F->append.lo, F->append.hi);
+    printf("  %-40s %9.1f ns/op (min %.1f, max %.1f)\n", F->reconn.name, F->reconn.med,
+           F->reconn.lo, F->reconn.hi);
+    printf("  %-40s %9.1f ns/op\n", F->hbref.name, F->hbref.med);
+    printf("  an event is %.0f ns of the %.0f ns of a connect in place (%.0f %%)\n",
+           F->append.med, F->reconn.med, 100.0 * F->append.med / F->reconn.med);
+    printf("  events/s: 1 process %.2f M/s; 2 processes %.2f M/s; 1 process with a watcher "
+           "process draining %.2f M/s (the watcher read %.2f M/s, done %.0f ms after the "
+           "last append, %" PRIu64 " overflows)\n", F->rate1 / 1e6, F->rate2 / 1e6,
+           F->rate1w / 1e6, F->w_rate / 1e6, F->w_lag_ms, F->w_overflows);
+    printf("  expiry lag at 1 M devices (%" PRIu64 " expiries, %.0f/s, watcher overflows %"
+           PRIu64 "): p50 %.0f ms, p90 %.0f ms, p99 %.0f ms, max %.0f ms (min %.0f)\n",
+           F->lag_n, F->expiry_rate, F->lag_overflows, F->lag50, F->lag90, F->lag99,
+           F->lagmax, F->lagmin);
+    printf("  presenced: %.1f %% of a core while 1 M devices reconnected at %u/s, %.1f %% "
+           "while their expiries were announced\n", F->cpu_reconnect, LAG_RATE,
+           F->cpu_expiry);
+}
+
+/* ------------------------------------------------------------------------ */
 /* Baseline: one dependent random load over 256 MiB                          */
 
 /* A single random cycle through every line: each load's address is the
@@ -1485,6 +1877,7 @@ typedef struct {
     scaling_t sc;
     interference_t in;
     region_bytes_t rb;
+    feed_t feed;
     uint64_t capacity;
     double daemon_pct;      /* presenced's CPU at steady state */
     double dev_dram;        /* pres_device / DRAM, paired batch by batch */
@@ -1531,6 +1924,8 @@ static void print_report(results_t *R)
     printf("  slowdown %.2fx (min %.2f, max %.2f); p99.9 %.2fx of quiet "
            "p99.9\n", slow, qr[0], qr[REPS - 1], tail);
 
+    print_feed(&R->feed);
+
     printf("\nregion: %d files presence.%s*, %" PRIu64 " bytes (%" PRIu64
            " allocated); capacity %" PRIu64 " devices\n", R->rb.files,
            STORE_NAME, R->rb.size, R->rb.alloc, R->capacity);
@@ -1563,6 +1958,8 @@ static void print_report(results_t *R)
                  "<=", 3.0, tail <= 3.0);
     print_target("presenced CPU, 1 M devices, 33 k hb/s",
                  R->daemon_pct, "%", "<=", 5.0, R->daemon_pct <= 5.0);
+    print_target("expiry event lag p99, 1 M devices", R->feed.lag99, "ms", "<=", 100.0,
+                 R->feed.lag99 <= 100.0);
     print_target("region bytes per device (capacity)",
                  (double)R->rb.size / (double)R->capacity, "B", "<=", 256,
                  (double)R->rb.size <= 256.0 * (double)R->capacity);
@@ -1606,6 +2003,8 @@ static void run_store_benchmarks(pres_t *rd, pres_t *wr, data_t *d,
     R->capacity = st.capacity;
     verify_dataset(rd, d);
     region_bytes(&R->rb, 1);
+    /* The load's status events (a user each) are the daemon's work too. */
+    feed_quiet(rd, 60000);
     R->daemon_pct = daemon_steady_pct(wr, d);
     printf("  presenced at steady state (1 M devices, %u heartbeats/s): "
            "%.1f %% of a core\n", HB_STEADY, R->daemon_pct);
@@ -1629,6 +2028,8 @@ static void run_store_benchmarks(pres_t *rd, pres_t *wr, data_t *d,
     printf("measuring reads with and without a storming writer...\n");
     fflush(stdout);
     measure_interference(&c, &R->in);
+    /* Last: it reconnects the dataset (stale refs), then lets it expire. */
+    run_feed_benchmarks(wr, d, &R->feed);
 }
 
 int main(int argc, char **argv)

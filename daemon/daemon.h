@@ -11,6 +11,9 @@
 
 enum { LOG_ERR = 0, LOG_WARN, LOG_INFO, LOG_DEBUG };
 
+/* The daemon's tick: its passes, repairs and timers run every this long. */
+#define PD_TICK_MS 20
+
 typedef struct {
     char     name[64];
     char     db[4096];
@@ -72,14 +75,15 @@ typedef struct {
                                              last offer */
     pd_claim_t    *claims;                /* taken, not yet claimed, taker alive */
     size_t         claims_n, claims_cap;
-    uint64_t      *exp_seen;              /* per device: last expiry counted */
     uint8_t       *unl;                   /* per device: out of hash / user list */
     uint8_t       *user_empty;            /* per user: empty at the last pass */
     uint32_t      *gw_pending;            /* per gateway: incarnation dying */
     uint64_t       hb_pos, ub_pos;        /* the passes, in chunks of buckets */
-    uint64_t       pass_devices, pass_connected, pass_users;
+    uint64_t       pass_devices, pass_users;
     uint64_t       ticks;
     int            sweep_soon;
+    int            sweeping;              /* a record-table sweep is under way */
+    uint32_t       sweep_dev, sweep_user; /* ... and where it is */
     int            gw_check, gw_dying;
     uint8_t       *dead_seen;             /* per device: DEAD at the last sweep */
     int64_t        devices_diff, users_diff;
@@ -95,6 +99,8 @@ typedef struct {
     unsigned       resync;                /* PD_RESYNC_*: sweeps owed */
     struct pd_privacy *pv;                /* privacy.c */
     struct pd_typing  *ty;                /* typing.c */
+    struct pd_timers *tm;                 /* timers.c */
+    struct pd_feed   *feed;               /* feed.c */
 } pd_t;
 
 void pd_log(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -150,6 +156,25 @@ void pd_typing_fini(pd_t *d);
 /* notes.c: read the notes written since the last call into d->nb; sets
  * d->resync when some were lost. */
 void pd_notes_read(pd_t *d);
+
+/* timers.c: what only time changes (expiries, typing TTLs, status changes
+ * after the idle timer or the grace) and the connected count. */
+int  pd_timers_init(pd_t *d);
+/* Each tick, after the notes were read (d->nb) and dead clients repaired. */
+void pd_timers_tick(pd_t *d, uint64_t nm, uint64_t nw);
+/* The reaper evicted device record i / is retiring user record u. */
+void pd_timers_dev_gone(pd_t *d, uint32_t i);
+void pd_timers_user_gone(pd_t *d, uint32_t u);
+void pd_timers_free(pd_t *d);
+
+/* feed.c: claims of the change feed left by writers that died or stopped.
+ * init at adopt (a full audit), tick each tick, gone from the dead-client
+ * repair while the dead's reader slots (dead[slot] != 0) are not yet given
+ * back. */
+int  pd_feed_init(pd_t *d);
+void pd_feed_tick(pd_t *d, uint64_t nm);
+void pd_feed_gone(pd_t *d, const uint8_t *dead);
+void pd_feed_free(pd_t *d);
 
 /* liveness.c */
 void pd_clients_init(pd_t *d);

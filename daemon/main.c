@@ -25,8 +25,6 @@
 #include "daemon.h"
 #include "store.h"
 
-#define PD_TICK_MS 20
-
 int pd_log_level = LOG_INFO;
 static volatile sig_atomic_t stop_flag, reload_flag;
 
@@ -468,9 +466,26 @@ int main(int argc, char **argv)
             reload_flag = 0;
             reload(&d);
         }
+        /* A tick every PD_TICK_MS from start to start, whatever the tick
+         * took: the timers' lag (expiry events) is the period, not the
+         * period plus the work. */
+        struct timespec next;
+        clock_gettime(CLOCK_MONOTONIC, &next);
+        next.tv_nsec += PD_TICK_MS * 1000000L;
+        if (next.tv_nsec >= 1000000000L) {
+            next.tv_sec++;
+            next.tv_nsec -= 1000000000L;
+        }
         pd_tick(&d);
-        struct timespec ts = { 0, PD_TICK_MS * 1000000L };
-        nanosleep(&ts, NULL);
+        struct timespec done;
+        clock_gettime(CLOCK_MONOTONIC, &done);
+        int64_t late_ms = (done.tv_sec - next.tv_sec) * 1000 +
+                          (done.tv_nsec - next.tv_nsec) / 1000000;
+        if (late_ms > 5 * PD_TICK_MS)
+            pd_log(LOG_DEBUG, "a tick took %lld ms", (long long)(late_ms + PD_TICK_MS));
+        while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &next, NULL) == EINTR &&
+               !stop_flag && !reload_flag)
+            ;
     }
     pd_log(LOG_INFO, "stopping: the store stays usable by its clients");
     pd_shutdown(&d);

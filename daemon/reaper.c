@@ -5,13 +5,15 @@
  *   1. clients: find the dead (liveness.c) and repair what they held;
  *   2. gateways: end the connections of gateways whose process died or
  *      closed its handle;
+ *   the change feed's repairs (feed.c) and the timers (timers.c): expiry,
+ *   typing and status events, the connected count;
  *   3. the device index, a chunk of buckets a tick: repair latches of dead
  *      writers, evict devices offline longer than retain_ms, unlink DEAD
  *      records from their chain (one walk per chain, never one walk per
- *      record), count what is held and connected;
+ *      record), count what is held;
  *   4. the user index, a chunk of buckets a tick: unlink DEAD devices from
  *      each user's list, retire users left without devices or policy;
- *   5. a record-table sweep every few seconds for what no chain reaches
+ *   5. a record-table sweep now and then for what no chain reaches
  *      (records a client abandoned half-linked);
  *   6. privacy exception entries and typing records (privacy.c, typing.c);
  *   7. grace periods: advance the epoch, free what every reader passed;
@@ -36,16 +38,28 @@
 #define LIVE_LATCH_MASK   (~(uint64_t)0 << 50)
 #define LIVE_STATE_MASK   (UINT64_C(3) << 40)
 /* Buckets a pass visits a tick: a small index every tick; a large one in
- * PASS_TICKS ticks (a million devices: 20,972 buckets a tick, a full pass
- * a second), so the daemon's work per second stays proportional to the
- * store, not to the tick rate. */
+ * PASS_TICKS ticks (a million devices: 1,049 buckets a tick, a full pass
+ * every 20 s), or faster when --retain-ms asks for evictions sooner (a
+ * pass every quarter of it, at most one a second), so the daemon's work
+ * per second stays proportional to the store, not to the tick rate.  What
+ * needs promptness is done elsewhere:
+ * expiries, status changes and the connected count by the timers
+ * (timers.c), a dead writer's latches by its repair (client_gone); the
+ * passes evict, unlink what was superseded, retire empty users and
+ * correct the counts, which can wait seconds.  A pass of a million
+ * devices touches two million records at random (the index and the users'
+ * lists), about half a second of a core: once a second that was most of
+ * the daemon's CPU at steady state. */
 #define SMALL_INDEX       65536u
-#define PASS_TICKS        50u
+#define PASS_TICKS        1000u
+#define PASS_TICKS_MIN    (1000u / PD_TICK_MS)
 /* Checks that only repair after crashes or catch what an event missed run
  * every this many ticks (1 s). */
 #define SLOW_TICKS        50u
-/* The record-table sweep runs every this many ticks (5 s). */
-#define SWEEP_TICKS       250u
+/* The record-table sweep, which finds only what crashed clients left
+ * half-done (and runs at once after a death), runs every this many ticks
+ * for a large store (30 s). */
+#define SWEEP_TICKS       1500u
 
 #define UNL_HASH 1u
 #define UNL_USER 2u
@@ -199,6 +213,18 @@ static int dev_end_by_death(pd_t *d, uint32_t i, uint32_t gw, uint32_t inc, uint
     uint64_t exp = PRES_LIVE_EXPIRY(L);
     uint32_t ttl = pa_load(&r->ttl[k]);
     int was_connected = exp > nm;
+    /* The change feed: an EXPIRE, unless the end of this connection was
+     * announced (its TTL passed and that was said); claimed first, so that
+     * a daemon killed from here on leaves a LOST event or the end still to
+     * announce (lib/device.c, "the change feed"). */
+    uint32_t cid = pa_load(&r->cid[k]);
+    uint64_t nw = pres__wall_of(m, nm);
+    pres_evc_t ev = { NULL, 0, 0 };
+    if (pa_load(&r->announced) != PRES_ANN(cid, exp)) {
+        pres__ev_typing_end(m, PRES_DAEMON_LATCH, i, gw, nw);
+        pres__ev_claim(m, PRES_DAEMON_LATCH, &ev);
+        pa_store(&r->announced, PRES_ANN(cid, exp));
+    }
     /* Last seen: the moment the death was detected, or, for a connection
      * whose TTL had already passed, its last sign of life. */
     uint64_t ended = pres__wall_of(m, was_connected ? nm : (exp > ttl ? exp - ttl : 0));
@@ -211,16 +237,19 @@ static int dev_end_by_death(pd_t *d, uint32_t i, uint32_t gw, uint32_t inc, uint
     uint64_t newexp = was_connected ? nm : exp;
     for (;;) {
         if (PRES_LIVE_STATE(L) == PRES_DS_DEAD) {
+            /* Superseded meanwhile: a CONNECT says it all. */
             pa_cas(&r->live, &L, L & ~LIVE_LATCH_MASK);
+            pres__ev_abandon(m, &ev);
             return 0;
         }
         uint64_t want = PRES_LIVE_MAKE(newexp, PRES_DS_DISCONNECTED, PRES_LIVE_SEQ(L) + 1, 0);
         if (pa_cas(&r->live, &L, want))
             break;
     }
-    if (was_connected)
+    if (ev.slot) {
         pa_add_relaxed(&m->hdr->dc.expirations, 1);
-    d->exp_seen[i] = newexp;
+        pres__ev_dev(m, &ev, PRES_EV_EXPIRE, i, gw, nw);
+    }
     pres__note(m, PRES_NOTE_DEV, i);
     return 0;
 }
@@ -424,6 +453,9 @@ static void client_gone(pd_t *d, const pd_gone_t *g, size_t n, int dead)
             pa_store_release(&gw->state, PRES_GW_READY);
         }
     }
+    /* Their claims in the change feed, while their latch values name
+     * nobody else. */
+    pd_feed_gone(d, slots);
     for (uint32_t i = 0; i < PRES_READER_SLOTS; i++)
         if (slots[i])
             pa_store_release(&m->rslots[i].owner, 0);
@@ -432,6 +464,9 @@ static void client_gone(pd_t *d, const pd_gone_t *g, size_t n, int dead)
     d->sweep_soon = 1;
     pd_privacy_deaths(d);
     pd_typing_deaths(d);
+    /* A writer killed between a change and its note leaves the timers
+     * unaware of it: they look at every record again. */
+    d->resync |= PD_RESYNC_TIMERS;
 }
 
 /* Reader slots whose client slot was freed or reused without them being
@@ -513,18 +548,12 @@ static unsigned dev_examine(pd_t *d, uint32_t i, uint64_t nm, uint64_t nw)
             }
             pa_add_relaxed(&m->hdr->dc.evictions, 1);
             pa_add_relaxed(&m->hdr->dc.devices_gone, 1);
+            pd_timers_dev_gone(d, i);
             return PRES_DS_DEAD;
         }
     }
+    /* Connected devices and expirations are counted by the timers. */
     d->pass_devices++;
-    if (st == PRES_DS_CONNECTED) {
-        if (exp > nm) {
-            d->pass_connected++;
-        } else if (d->exp_seen[i] != exp) {
-            d->exp_seen[i] = exp;              /* a TTL passed: counted once */
-            pa_add_relaxed(&m->hdr->dc.expirations, 1);
-        }
-    }
     return st;
 }
 
@@ -668,6 +697,7 @@ static int user_remove(pd_t *d, uint32_t u, void *ctx)
 static void user_removed(pd_t *d, uint32_t u, void *ctx)
 {
     (void)ctx;
+    pd_timers_user_gone(d, u);
     d->user_empty[u] = 0;
     pa_store(&d->m.users[u].alloc, PRES_ALLOC_RETIRED);
     pd_retire(d, u, PRES_RK_USER);
@@ -712,31 +742,75 @@ static void correct_count(pd_t *d, int users, uint64_t counted)
     *last = diff;
 }
 
-static uint64_t chunk_of(uint64_t buckets)
+static uint64_t chunk_of(const pd_t *d, uint64_t buckets)
 {
-    return buckets <= SMALL_INDEX ? buckets : (buckets + PASS_TICKS - 1) / PASS_TICKS;
+    if (buckets <= SMALL_INDEX)
+        return buckets;
+    uint64_t ticks = d->cfg.retain_ms / 4 / PD_TICK_MS;
+    ticks = ticks < PASS_TICKS_MIN ? PASS_TICKS_MIN : ticks > PASS_TICKS ? PASS_TICKS : ticks;
+    return (buckets + ticks - 1) / ticks;
+}
+
+/* The passes visit records in bucket order, each one a miss at a random
+ * place: start the misses of the chains a few buckets ahead (a user's
+ * record, then its first device), so that they overlap instead of coming
+ * one after the other. */
+#define PASS_AHEAD 8u
+
+static void prefetch_dev_chain(const pres_map_t *m, uint64_t b)
+{
+    if (b > m->dev_mask)
+        return;
+    uint64_t l = pa_load(&m->dev_buckets[b]);
+    if (!PRES_LINK_IS_NULLS(l) && PRES_LINK_IDX(l) < m->dev_cap)
+        __builtin_prefetch(&m->devs[PRES_LINK_IDX(l)]);
+}
+
+static void prefetch_user_chain(const pres_map_t *m, uint64_t b, int devices)
+{
+    if (b > m->user_mask)
+        return;
+    uint64_t l = pa_load(&m->user_buckets[b]);
+    if (PRES_LINK_IS_NULLS(l) || PRES_LINK_IDX(l) >= m->user_cap)
+        return;
+    const pres_user_t *u = &m->users[PRES_LINK_IDX(l)];
+    if (!devices) {
+        __builtin_prefetch(u);
+        return;
+    }
+    uint64_t dl = pa_load(&u->dhead);
+    if (dl != PRES_LINK_RETIRED && !PRES_LINK_IS_NULLS(dl) && PRES_LINK_IDX(dl) < m->dev_cap)
+        __builtin_prefetch(&m->devs[PRES_LINK_IDX(dl)]);
 }
 
 static void index_passes(pd_t *d, uint64_t nm, uint64_t nw)
 {
     pres_map_t *m = &d->m;
-    uint64_t end = d->hb_pos + chunk_of(m->dev_mask + 1);
+    uint64_t end = d->hb_pos + chunk_of(d, m->dev_mask + 1);
     if (end > m->dev_mask + 1)
         end = m->dev_mask + 1;
-    for (uint64_t b = d->hb_pos; b < end; b++)
+    for (uint64_t b = d->hb_pos; b < d->hb_pos + PASS_AHEAD && b < end; b++)
+        prefetch_dev_chain(m, b);
+    for (uint64_t b = d->hb_pos; b < end; b++) {
+        prefetch_dev_chain(m, b + PASS_AHEAD);
         dev_chain_pass(d, b, nm, nw);
+    }
     d->hb_pos = end;
     if (end == m->dev_mask + 1) {
-        pa_store(&m->hdr->dc.connected, d->pass_connected);
         correct_count(d, 0, d->pass_devices);
         d->hb_pos = 0;
-        d->pass_devices = d->pass_connected = 0;
+        d->pass_devices = 0;
     }
-    end = d->ub_pos + chunk_of(m->user_mask + 1);
+    end = d->ub_pos + chunk_of(d, m->user_mask + 1);
     if (end > m->user_mask + 1)
         end = m->user_mask + 1;
-    for (uint64_t b = d->ub_pos; b < end; b++)
+    for (uint64_t b = d->ub_pos; b < d->ub_pos + 2 * PASS_AHEAD && b < end; b++)
+        prefetch_user_chain(m, b, 0);
+    for (uint64_t b = d->ub_pos; b < end; b++) {
+        prefetch_user_chain(m, b + 2 * PASS_AHEAD, 0);
+        prefetch_user_chain(m, b + PASS_AHEAD, 1);
         user_chain_pass(d, b);
+    }
     d->ub_pos = end;
     if (end == m->user_mask + 1) {
         correct_count(d, 1, d->pass_users);
@@ -769,11 +843,11 @@ static int user_linked(pres_map_t *m, uint32_t u)
  * client killed between linking a record into its user's list and into
  * the hash chain, or a connect that gave up); records PENDING with nobody
  * behind them; user records taken by a client that is gone and never
- * published. */
-static void table_sweep(pd_t *d)
+ * published.  Device records [from, to). */
+static void table_sweep_devices(pd_t *d, uint32_t from, uint32_t to)
 {
     pres_map_t *m = &d->m;
-    for (uint32_t i = 0; i < m->dev_cap; i++) {
+    for (uint32_t i = from; i < to; i++) {
         pres_dev_t *r = &m->devs[i];
         uint64_t a = pa_load(&r->alloc);
         if (a == PRES_ALLOC_FREE || a == PRES_ALLOC_POOLED || a == PRES_ALLOC_RETIRED)
@@ -813,7 +887,12 @@ static void table_sweep(pd_t *d)
             dev_maybe_retire(d, i, 0);
         }
     }
-    for (uint32_t u = 0; u < m->user_cap; u++) {
+}
+
+static void table_sweep_users(pd_t *d, uint32_t from, uint32_t to)
+{
+    pres_map_t *m = &d->m;
+    for (uint32_t u = from; u < to; u++) {
         pres_user_t *r = &m->users[u];
         uint64_t a = pa_load(&r->alloc);
         if (a == PRES_ALLOC_FREE || a == PRES_ALLOC_POOLED || a == PRES_ALLOC_RETIRED)
@@ -828,6 +907,27 @@ static void table_sweep(pd_t *d)
         pa_store(&r->alloc, PRES_ALLOC_RETIRED);
         pd_retire(d, u, PRES_RK_USER);
     }
+}
+
+/* A sweep of a large store goes a chunk a tick: a million records read in
+ * one tick would hold up the timers (expiry events) for most of a second. */
+#define SWEEP_CHUNK 32768u
+
+static void table_sweep(pd_t *d)
+{
+    pres_map_t *m = &d->m;
+    uint32_t chunk = m->dev_cap <= SMALL_INDEX ? UINT32_MAX : SWEEP_CHUNK;
+    if (d->sweep_dev < m->dev_cap) {
+        uint32_t to = m->dev_cap - d->sweep_dev > chunk ? d->sweep_dev + chunk : m->dev_cap;
+        table_sweep_devices(d, d->sweep_dev, to);
+        d->sweep_dev = to;
+        if (chunk != UINT32_MAX)
+            return;
+    }
+    uint32_t to = m->user_cap - d->sweep_user > chunk ? d->sweep_user + chunk : m->user_cap;
+    table_sweep_users(d, d->sweep_user, to);
+    d->sweep_user = to;
+    d->sweeping = to < m->user_cap;
 }
 
 /* ---- grace periods ------------------------------------------------------------- */
@@ -849,7 +949,6 @@ static void free_record(pd_t *d, const pd_retired_t *e)
     case PRES_RK_DEV:
         gen = &m->devs[e->idx].gen;
         pa_store(&m->devs[e->idx].live, 0);
-        d->exp_seen[e->idx] = 0;
         d->unl[e->idx] = 0;
         d->dead_seen[e->idx] = 0;
         break;
@@ -1019,15 +1118,20 @@ void pd_tick(pd_t *d)
      * a second; the slow check catches the rest. */
     if (d->gw_check || (d->gw_dying && d->ticks % 10 == 0))
         gateways_pass(d);
+    pd_feed_tick(d, nm);
+    pd_timers_tick(d, nm, nw);
     index_passes(d, nm, nw);
     /* The sweep reads every record: five times a second for a small
-     * store, every few seconds for a large one, and at once after a client
+     * store, every half minute for a large one, and at once after a client
      * died. */
     d->ticks++;
     if (d->sweep_soon || d->ticks % (m->dev_cap <= SMALL_INDEX ? 10 : SWEEP_TICKS) == 0) {
         d->sweep_soon = 0;
-        table_sweep(d);
+        d->sweeping = 1;
+        d->sweep_dev = d->sweep_user = 0;
     }
+    if (d->sweeping)
+        table_sweep(d);
     pd_privacy_tick(d, nm);
     pd_typing_tick(d, nm);
     grace_periods(d, nm);
@@ -1092,12 +1196,11 @@ static int adopt_ring(pd_t *d, int kind)
 int pd_adopt(pd_t *d)
 {
     pres_map_t *m = &d->m;
-    d->exp_seen = calloc(m->dev_cap, sizeof *d->exp_seen);
     d->unl = calloc(m->dev_cap, 1);
     d->dead_seen = calloc(m->dev_cap, 1);
     d->user_empty = calloc(m->user_cap, 1);
     d->gw_pending = calloc(m->gw_cap, sizeof *d->gw_pending);
-    if (!d->exp_seen || !d->unl || !d->dead_seen || !d->user_empty || !d->gw_pending)
+    if (!d->unl || !d->dead_seen || !d->user_empty || !d->gw_pending)
         return -ENOMEM;
     for (int k = 0; k < PRES_RK_COUNT; k++)
         if (!(d->offered[k] = calloc(m->rcap[k], sizeof *d->offered[k])))
@@ -1113,7 +1216,8 @@ int pd_adopt(pd_t *d)
     for (int k = 0; k < PRES_RK_COUNT; k++)
         if ((rc = adopt_ring(d, k)) < 0)
             return rc;
-    if ((rc = pd_privacy_init(d)) < 0 || (rc = pd_typing_init(d)) < 0)
+    if ((rc = pd_privacy_init(d)) < 0 || (rc = pd_typing_init(d)) < 0 ||
+        (rc = pd_feed_init(d)) < 0 || (rc = pd_timers_init(d)) < 0)
         return rc;
     return 0;
 }
@@ -1128,8 +1232,9 @@ void pd_shutdown(pd_t *d)
     pres_client_t *me = &m->clients[PRES_DAEMON_CLIENT];
     pa_store(&me->ready, 0);
     pa_store_release(&me->pid, 0);
+    pd_timers_free(d);
+    pd_feed_free(d);
     free(d->ret);
-    free(d->exp_seen);
     free(d->unl);
     free(d->dead_seen);
     free(d->user_empty);

@@ -316,11 +316,15 @@ typedef struct {
  * The next event of the feed.  *cursor == 0 means "from now": it is first
  * set to the seq the next event will have.  On success *ev is the event with
  * seq == *cursor and *cursor becomes seq + 1.  timeout_ms < 0 waits forever,
- * 0 does not wait.
+ * 0 does not wait.  A seq whose writer died (or stayed stopped) while
+ * appending it reads as PRES_EV_LOST once the daemon notices: resync.
  * @return 0; -ETIMEDOUT nothing within the timeout; -EOVERFLOW the cursor
  *         fell behind the feed's capacity (it is moved to the oldest event
- *         held: resync from a snapshot); -EINVAL; -EPROTO.
- * Waiting sleeps on a futex; watchers never slow writers down.
+ *         held: resync from a snapshot); -EINVAL a NULL argument or a cursor
+ *         past the feed's head; -EPROTO.
+ * Any handle, read-only ones too; any number of watchers in any number of
+ * processes.  Waiting sleeps on a shared futex; watchers never slow writers
+ * down.  Cost: about a cache miss an event.
  */
 PRES_API int pres_watch(pres_t *p, uint64_t *cursor, pres_event_t *ev, int timeout_ms);
 

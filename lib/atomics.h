@@ -26,6 +26,10 @@ _Static_assert(__atomic_always_lock_free(8, 0), "8-byte atomics must be lock-fre
 /* A load whose later loads must see what the storer published before its
  * release store (pairs with pa_store_release or a CAS). */
 #define pa_load_acquire(p)    __atomic_load_n((p), __ATOMIC_ACQUIRE)
+/* A load in the single total order of seq_cst operations: after a seq_cst
+ * RMW of another word, the pair is a Dekker handshake without a fence (on
+ * x86 a plain load). */
+#define pa_load_sc(p)         __atomic_load_n((p), __ATOMIC_SEQ_CST)
 #define pa_store(p, v)        __atomic_store_n((p), (v), __ATOMIC_RELAXED)
 /* A store that publishes every store before it (pairs with acquire loads). */
 #define pa_store_release(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)

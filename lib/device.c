@@ -270,17 +270,17 @@ static pres_rs_t *enter_rw(pres_t *p, int *rc)
 /* Also a PENDING record: a concurrent connect of the same device that
  * linked its record before ours must not publish it after ours; its
  * publish CAS fails and it looks again (the latch bits stay). */
-static void mark_dead(pres_rs_t *t, pres_dev_t *d)
+static int mark_dead(pres_rs_t *t, pres_dev_t *d)
 {
     uint64_t L = pa_load(&d->live);
     for (;;) {
         unsigned st = PRES_LIVE_STATE(L);
         if (st == PRES_DS_DEAD)
-            return;
+            return 0;
         if (pa_cas(&d->live, &L, (L & ~LIVE_STATE_MASK) | ((uint64_t)PRES_DS_DEAD << 40))) {
             if (st != PRES_DS_PENDING)
                 pres__count(t, PRES_C_DEV_GONE);     /* it was held */
-            return;
+            return st != PRES_DS_PENDING;
         }
     }
 }
@@ -295,8 +295,10 @@ static void supersede_older(pres_map_t *m, pres_rs_t *t, uint32_t i, const char 
         if (j >= m->dev_cap)
             return;
         pres_dev_t *o = &m->devs[j];
-        if (pres__key_eq(&o->keylen, o->key, id, len))
-            mark_dead(t, o);
+        /* The daemon's timers learn of it (its user may have lost a
+         * device: a move to another user). */
+        if (pres__key_eq(&o->keylen, o->key, id, len) && mark_dead(t, o))
+            pres__note(m, PRES_NOTE_DEV, j);
         l = pa_load_acquire(&o->next);
     }
 }
@@ -309,8 +311,40 @@ static uint32_t conn_flags(const pres_map_t *m, uint32_t gwi)
     return (uint32_t)(pa_load(&m->gws[gwi].died) << 2);
 }
 
+/* ---- the change feed ------------------------------------------------------
+ * Every end of a connection is announced once: a clean disconnect by the
+ * writer that makes it (PRES_EV_DISCONNECT), an expiry by whoever first
+ * holds the latch after the TTL passed: the daemon's timers, or a writer
+ * that revives, reconnects or disconnects the device before them
+ * (PRES_EV_EXPIRE).  `announced` records it, written under the latch after
+ * the event's seq was claimed, so a writer killed anywhere leaves either
+ * the end still to announce or a PRES_EV_LOST in its place, never a silent
+ * gap.  Events are claimed under the latch, so the feed orders a device's
+ * changes as they were made. */
+
+static int end_announced(const pres_dev_t *d, uint64_t L)
+{
+    unsigned k = PRES_LIVE_SEQ(L) & 1;
+    return pa_load(&d->announced) == PRES_ANN(pa_load(&d->cid[k]), PRES_LIVE_EXPIRY(L));
+}
+
+/* Under the latch: the connection L describes ended by its TTL and nobody
+ * said so yet. */
+static void announce_expiry(pres_map_t *m, pres_rs_t *t, uint32_t i, uint64_t L, uint64_t nw)
+{
+    pres_dev_t *d = &m->devs[i];
+    unsigned k = PRES_LIVE_SEQ(L) & 1;
+    uint32_t gw = pa_load(&d->conn[k].gw);
+    pres_evc_t c;
+    pres__ev_claim(m, t->index + 1, &c);
+    pa_store(&d->announced, PRES_ANN(pa_load(&d->cid[k]), PRES_LIVE_EXPIRY(L)));
+    pa_add_relaxed(&m->hdr->dc.expirations, 1);
+    pres__ev_dev(m, &c, PRES_EV_EXPIRE, i, gw, nw);
+    pres__ev_typing_end(m, t->index + 1, i, gw, nw);
+}
+
 static int reconnect(pres_t *p, pres_rs_t *t, uint32_t i, uint32_t gwi, uint32_t ttl,
-                     uint64_t nm, uint64_t nw, uint32_t *cid)
+                     uint64_t nm, uint64_t nw, uint32_t *cid, pres_evc_t *ev)
 {
     pres_dev_t *d = &p->m.devs[i];
     uint64_t L;
@@ -318,6 +352,11 @@ static int reconnect(pres_t *p, pres_rs_t *t, uint32_t i, uint32_t gwi, uint32_t
     if (rc < 0)
         return rc;
     unsigned k = PRES_LIVE_SEQ(L) & 1;
+    if (PRES_LIVE_STATE(L) == PRES_DS_CONNECTED && !end_announced(d, L) &&
+        PRES_LIVE_EXPIRY(L) <= pres__mono_ms())
+        announce_expiry(&p->m, t, i, L, nw);
+    if (!ev->slot)
+        pres__ev_claim(&p->m, t->index + 1, ev);
     pres_conn_t c = { .gw = gwi, .flags = conn_flags(&p->m, gwi), .connected_at = nw, .ended = 0 };
     *cid = (pa_load(&d->cid[k]) + 1) & REF_CID_MASK;
     conn_write(d, k ^ 1, &c, ttl, *cid);
@@ -373,7 +412,7 @@ static int link_user(pres_t *p, uint32_t i, uint32_t *u, const char *user, size_
 static int connect_new(pres_t *p, pres_rs_t *t, const char *user, size_t ulen,
                        const char *id, size_t len, uint64_t h, uint32_t gwi,
                        uint32_t ttl, uint64_t nm, uint64_t nw, uint32_t *idx,
-                       uint32_t *cid)
+                       uint32_t *cid, pres_evc_t *ev)
 {
     pres_map_t *m = &p->m;
     uint32_t u, i;
@@ -393,6 +432,7 @@ static int connect_new(pres_t *p, pres_rs_t *t, const char *user, size_t ulen,
     conn_write(d, 0, &c, ttl, *cid);
     pa_store(&d->activity, nm);
     pa_store(&d->typing, 0);
+    pa_store(&d->announced, 0);
     /* PENDING and latched by us: invisible to readers, and the daemon
      * leaves it alone while we live. */
     uint64_t pending = PRES_LIVE_MAKE(nm + ttl, PRES_DS_PENDING, 0, t->index + 1);
@@ -402,6 +442,8 @@ static int connect_new(pres_t *p, pres_rs_t *t, const char *user, size_t ulen,
         return rc;
     }
     pres__idx_dev_link_hash(m, i, h);
+    if (!ev->slot)
+        pres__ev_claim(m, t->index + 1, ev);
     uint64_t L = pending;
     if (!pa_cas(&d->live, &L, PRES_LIVE_MAKE(nm + ttl, PRES_DS_CONNECTED, 0, 0))) {
         /* A newer connect of the same device superseded ours while it was
@@ -431,6 +473,7 @@ PRES_API int pres_connect(pres_t *p, const char *user_id, const char *device_id,
     uint64_t nm = pres__mono_ms(), nw = pres__wall_of(m, nm);
     uint64_t h = pres__hash(device_id, len, m->seed);
     uint32_t idx = 0, cid = 1;
+    pres_evc_t ev = { NULL, 0, 0 };     /* the CONNECT, claimed before the publish */
     int gwi = pres__idx_gw_get(p, gateway_id, glen);
     if (gwi < 0) {
         rc = gwi;
@@ -447,7 +490,7 @@ PRES_API int pres_connect(pres_t *p, const char *user_id, const char *device_id,
             uint32_t u = pa_load(&m->devs[i].user);
             if (u < m->user_cap &&
                 pres__key_eq(&m->users[u].keylen, m->users[u].key, user_id, ulen)) {
-                rc = reconnect(p, t, (uint32_t)i, (uint32_t)gwi, ttl_ms, nm, nw, &cid);
+                rc = reconnect(p, t, (uint32_t)i, (uint32_t)gwi, ttl_ms, nm, nw, &cid, &ev);
                 idx = (uint32_t)i;
                 if (rc != -EBUSY)
                     continue;
@@ -456,13 +499,16 @@ PRES_API int pres_connect(pres_t *p, const char *user_id, const char *device_id,
             }
         }
         rc = connect_new(p, t, user_id, ulen, device_id, len, h, (uint32_t)gwi,
-                         ttl_ms, nm, nw, &idx, &cid);
+                         ttl_ms, nm, nw, &idx, &cid, &ev);
     }
     if (rc == 0) {
+        pres__ev_dev(m, &ev, PRES_EV_CONNECT, idx, (uint32_t)gwi, nw);
         pres__note(m, PRES_NOTE_DEV, idx);
         pres__count(t, PRES_C_CONNECTS);
         if (ref)
             *ref = make_ref(idx, pa_load(&m->devs[idx].gen), cid);
+    } else {
+        pres__ev_abandon(m, &ev);       /* claimed, and nothing connected */
     }
 out:
     pres__gp_leave(t);
@@ -473,9 +519,13 @@ out:
 static int heartbeat_at(pres_t *p, pres_rs_t *t, uint32_t i, int64_t ref_cid, uint32_t ttl)
 {
     pres_dev_t *d = &p->m.devs[i];
-    uint64_t nm = pres__mono_ms();
     uint64_t L = pa_load_acquire(&d->live);
     for (;;) {
+        /* The clock after each load of the live word: a heartbeat is late
+         * or not at its CAS, never by a clock read before an expiry that
+         * was announced meanwhile (that must not be followed by a silent
+         * extension; doc/region.md, "The change feed"). */
+        uint64_t nm = pres__mono_ms();
         unsigned st = PRES_LIVE_STATE(L);
         if (st == PRES_DS_DEAD || st == PRES_DS_PENDING)
             return ref_cid >= 0 ? -ESTALE : -EAGAIN;
@@ -487,12 +537,15 @@ static int heartbeat_at(pres_t *p, pres_rs_t *t, uint32_t i, int64_t ref_cid, ui
         int late = PRES_LIVE_EXPIRY(L) <= nm;
         if (!late && pa_load(&d->ttl[k]) == ttl) {
             /* The fast path: only the expiry changes.  The CAS fails if
-             * anything else moved (seq, state, latch), and we look again. */
+             * anything else moved (seq, state, latch), and we look again.
+             * A latch holder announcing this connection's expiry took the
+             * latch after the TTL passed by its clock, and ours, read after
+             * we saw its latch, is later: we are late, not here. */
             if (pa_cas(&d->live, &L, (L & ~PRES_LIVE_EXP_MASK) | ((nm + ttl) & PRES_LIVE_EXP_MASK))) {
                 pres__count(t, PRES_C_HEARTBEATS);
                 return 0;
             }
-            continue;
+            continue;            /* L is what is there now; nm is read again */
         }
         int rc = latch_take(p, t, d, &L);
         if (rc < 0)
@@ -507,12 +560,24 @@ static int heartbeat_at(pres_t *p, pres_rs_t *t, uint32_t i, int64_t ref_cid, ui
         }
         pres_conn_t c;
         conn_read(d, k, &c);
-        late = PRES_LIVE_EXPIRY(L) <= nm;
-        if (late)
-            c.connected_at = pres__wall_of(&p->m, nm);   /* connected again */
+        nm = pres__mono_ms();
+        uint64_t nw = pres__wall_of(&p->m, nm);
+        late = PRES_LIVE_EXPIRY(L) <= nm || end_announced(d, L);
+        pres_evc_t ev = { NULL, 0, 0 };
+        if (late) {
+            /* Connected again: the old connection's end first, if nobody
+             * announced it, then a CONNECT. */
+            if (!end_announced(d, L))
+                announce_expiry(&p->m, t, i, L, nw);
+            c.connected_at = nw;
+            pres__ev_claim(&p->m, t->index + 1, &ev);
+        }
         conn_write(d, k ^ 1, &c, ttl, cid);
-        if ((rc = latch_publish(t, d, nm + ttl, PRES_DS_CONNECTED)) < 0)
+        if ((rc = latch_publish(t, d, nm + ttl, PRES_DS_CONNECTED)) < 0) {
+            pres__ev_abandon(&p->m, &ev);
             return rc == -EAGAIN && ref_cid >= 0 ? -ESTALE : rc;
+        }
+        pres__ev_dev(&p->m, &ev, PRES_EV_CONNECT, i, c.gw, nw);
         /* A new TTL or a revival moves the expiry the daemon's timers know. */
         pres__note(&p->m, PRES_NOTE_DEV, i);
         pres__count(t, PRES_C_HEARTBEATS);
@@ -607,9 +672,18 @@ static int disconnect_at(pres_t *p, pres_rs_t *t, uint32_t i, int64_t ref_cid)
     uint64_t nm = pres__mono_ms(), nw = pres__wall_of(&p->m, nm);
     uint64_t exp = PRES_LIVE_EXPIRY(L);
     uint32_t ttl = pa_load(&d->ttl[k]);
-    int expired = exp <= nm;
+    int expired = exp <= nm || end_announced(d, L);
     pres_conn_t c;
     conn_read(d, k, &c);
+    pres_evc_t ev = { NULL, 0, 0 };
+    if (expired && !end_announced(d, L)) {
+        announce_expiry(&p->m, t, i, L, nw);
+    } else if (!expired) {
+        /* A clean end: typing stops with it, then the DISCONNECT. */
+        pres__ev_typing_end(&p->m, t->index + 1, i, c.gw, nw);
+        pres__ev_claim(&p->m, t->index + 1, &ev);
+        pa_store(&d->announced, PRES_ANN(cid, exp));
+    }
     /* An expired connection ended at its last sign of life, and stopped
      * being connected at its expiry (the user's offline grace runs from
      * there). */
@@ -617,8 +691,11 @@ static int disconnect_at(pres_t *p, pres_rs_t *t, uint32_t i, int64_t ref_cid)
     if (expired)
         c.flags |= PRES_CONN_LAPSED;
     conn_write(d, k ^ 1, &c, ttl, cid);
-    if ((rc = latch_publish(t, d, exp, PRES_DS_DISCONNECTED)) < 0)
+    if ((rc = latch_publish(t, d, exp, PRES_DS_DISCONNECTED)) < 0) {
+        pres__ev_abandon(&p->m, &ev);   /* superseded meanwhile: not ended */
         return rc == -EAGAIN && ref_cid >= 0 ? -ESTALE : rc;
+    }
+    pres__ev_dev(&p->m, &ev, PRES_EV_DISCONNECT, i, c.gw, nw);
     pres__note(&p->m, PRES_NOTE_DEV, i);
     if (!expired)
         pres__count(t, PRES_C_DISCONNECTS);

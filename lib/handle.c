@@ -116,7 +116,9 @@ PRES_API int pres_stats(pres_t *p, pres_stats_t *out)
     out->stale_reports = c[PRES_C_STALE_REPORTS];
     out->expirations = pa_load(&dc->expirations);
     out->gateway_deaths = pa_load(&dc->gateway_deaths);
-    out->events = pa_load(&dc->events);
+    /* Events appended: the last seq claimed (ev_next trails a claim by at
+     * most one, a moment). */
+    out->events = pa_load(&m->hdr->ev_next) - 1;
     out->evictions = pa_load(&dc->evictions);
     out->grace_periods = pa_load(&dc->grace_periods);
     out->mirror_lag_ms = pa_load(&dc->mirror_lag_ms);

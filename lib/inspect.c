@@ -52,6 +52,18 @@ int pres__inspect_info(pres_t *p, pres_inspect_info_t *out)
     return 0;
 }
 
+int pres__inspect_feed(pres_t *p, pres_inspect_feed_t *out)
+{
+    if (!p || !out)
+        return -EINVAL;
+    const pres_map_t *m = &p->m;
+    memset(out, 0, sizeof *out);
+    out->capacity = m->ev_mask + 1;
+    out->last_seq = pa_load(&m->hdr->ev_next) - 1;
+    out->watchers_asleep = pa_load(&m->rhdr->ev_sleepers);
+    return 0;
+}
+
 int pres__inspect_devices(pres_t *p, int (*fn)(const pres_device_info_t *, void *), void *arg)
 {
     if (!p || !fn)
@@ -536,6 +548,62 @@ static void check_clients(chk_t *c, const pres_map_t *m)
     }
 }
 
+/* The change feed: every seq below ev_next was claimed, so each slot holds
+ * the latest seq of its residue class below (or at) ev_next, or is EMPTY
+ * when there is none; no claim, and no latch kept in a lost slot, belongs
+ * to a writer that is gone (the daemon repairs those). */
+static void check_feed(chk_t *c, const pres_map_t *m)
+{
+    uint64_t cap = m->ev_mask + 1;
+    unsigned shift = (unsigned)__builtin_ctzll(cap);
+    uint64_t n0 = pa_load_acquire(&m->hdr->ev_next);
+    uint64_t lost = 0, claimed = 0;
+    if (n0 == 0) {
+        problem(c, "change feed: ev_next is 0 (seqs start at 1)");
+        return;
+    }
+    for (uint64_t j = 0; j < cap; j++) {
+        uint64_t w = pa_load_acquire(&m->events[j].word);
+        unsigned st = PRES_EVW_STATE(w), x = PRES_EVW_LATCH(w);
+        /* The latest seq of this slot's class below n0 (0: none). */
+        uint64_t want = j < n0 ? j + ((n0 - 1 - j) / cap) * cap : 0;
+        if (st == PRES_EVS_EMPTY) {
+            if (w != 0)
+                problem(c, "change feed slot %llu: empty with bits %#llx",
+                        (unsigned long long)j, (unsigned long long)w);
+            else if (want >= 1)
+                problem(c, "change feed slot %llu: seq %llu is below the head but was never "
+                           "claimed", (unsigned long long)j, (unsigned long long)want);
+            continue;
+        }
+        /* Appends go on meanwhile: the slot may have moved on since n0,
+         * never past the head (or the one claim ev_next trails). */
+        uint64_t seq = (PRES_EVW_LAP(w) << shift) | j;
+        if (seq < want || seq > pa_load_acquire(&m->hdr->ev_next))
+            problem(c, "change feed slot %llu holds seq %llu; the head (seq %llu) says %llu",
+                    (unsigned long long)j, (unsigned long long)seq, (unsigned long long)n0,
+                    (unsigned long long)want);
+        if (st == PRES_EVS_CLAIMED) {
+            claimed++;
+            if (!x || x > PRES_DAEMON_LATCH)
+                problem(c, "change feed slot %llu: claimed under latch %u, which names nobody",
+                        (unsigned long long)j, x);
+            else if (pres__latch_holder_state(m, x) == PRES_HOLDER_DEAD)
+                problem(c, "change feed slot %llu: claimed by a writer that is gone (latch %u)",
+                        (unsigned long long)j, x);
+        } else if (st == PRES_EVS_LOST) {
+            lost++;
+            if (x && pres__latch_holder_state(m, x) == PRES_HOLDER_DEAD)
+                problem(c, "change feed slot %llu: lost, and still names a writer that is gone "
+                           "(latch %u)", (unsigned long long)j, x);
+        }
+    }
+    uint64_t n1 = pa_load_acquire(&m->hdr->ev_next);
+    note(c, "change feed: %llu slots, seqs up to %llu consistent with the head; %llu lost, "
+            "%llu being written", (unsigned long long)cap, (unsigned long long)(n1 - 1),
+         (unsigned long long)lost, (unsigned long long)claimed);
+}
+
 static long check_pass(pres_t *p, FILE *out, int verbose, int quiet)
 {
     const pres_map_t *m = &p->m;
@@ -570,6 +638,7 @@ static long check_pass(pres_t *p, FILE *out, int verbose, int quiet)
     check_typ_chains(&c, m);
     check_clients(&c, m);
     note(&c, "client, reader and gateway tables consistent");
+    check_feed(&c, m);
     pres__gp_leave(t);
     rc = c.problems;
 out:

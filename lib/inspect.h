@@ -33,6 +33,19 @@ typedef struct {
 /** Fill *out.  @return 0 or a negative errno. */
 int pres__inspect_info(pres_t *p, pres_inspect_info_t *out);
 
+/* The change feed (presencectl stats and dump show it beside pres_stats_t,
+ * whose layout API.md fixes). */
+typedef struct {
+    uint64_t capacity;           /* events the ring holds */
+    uint64_t last_seq;           /* the last seq appended (0: none yet) */
+    uint64_t watchers_asleep;    /* nonzero: a watcher may be waiting in
+                                    pres_watch now (cleared by the next
+                                    event) */
+} pres_inspect_feed_t;
+
+/** Fill *out.  @return 0 or a negative errno. */
+int pres__inspect_feed(pres_t *p, pres_inspect_feed_t *out);
+
 /**
  * Call fn for every device record held (connected or not), in table order,
  * each read as pres_device() would read it.  Stops early and returns fn's

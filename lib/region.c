@@ -239,6 +239,7 @@ int pres__region_validate(const pres_map_t *m, uint64_t size, uint64_t rsize)
     uint64_t tc = h->area[PRES_AREA_TYPING].count;
     if (!pow2(db) || !pow2(ub) || !pow2(tb) || !pow2(gc) ||
         !pow2(h->area[PRES_AREA_EVENTS].count) || !pow2(h->area[PRES_AREA_NOTES].count) ||
+        h->area[PRES_AREA_EVENTS].count < PRES_EVENTS_MIN ||
         dc == 0 || dc > PRES_DEV_CAP_MAX || uc == 0 || uc > PRES_USER_CAP_MAX ||
         gc > PRES_GW_CAP_MAX || xc == 0 || xc > PRES_USER_CAP_MAX ||
         tc == 0 || tc > PRES_USER_CAP_MAX)
@@ -473,7 +474,7 @@ int pres__region_create_filled(pres_map_t *m, const char *name, const pres_layou
         lp->user_cap > PRES_USER_CAP_MAX || lp->gw_cap == 0 ||
         lp->gw_cap > PRES_GW_CAP_MAX || (lp->gw_cap & (lp->gw_cap - 1)) ||
         lp->exceptions == 0 || lp->exceptions > PRES_USER_CAP_MAX ||
-        lp->typing == 0 || lp->typing > PRES_USER_CAP_MAX || lp->events == 0 ||
+        lp->typing == 0 || lp->typing > PRES_USER_CAP_MAX || lp->events < PRES_EVENTS_MIN ||
         lp->events > (UINT64_C(1) << 30) || lp->notes == 0 || lp->notes > (UINT64_C(1) << 30))
         return -EINVAL;
     if ((rc = pres__region_path(path, sizeof path, name, NULL)) < 0 ||

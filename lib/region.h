@@ -195,8 +195,15 @@ typedef struct {
     uint64_t alloc;          /* PRES_ALLOC_FREE, or the allocator's token */
     pres_conn_t conn[2];
     uint64_t typing;         /* link to the device's typing record, 0 none */
-    uint64_t spare;
+    uint64_t announced;      /* the end of which connection the change feed
+                                has announced: PRES_ANN(cid, expiry); written
+                                only under the latch (lib/events.c) */
 } pres_dev_t;
+
+/* A connection is named by its connection id and its expiry: a revival
+ * (late heartbeat) keeps the id and moves the expiry past the old one, a
+ * reconnect changes the id. */
+#define PRES_ANN(cid, exp)   ((((uint64_t)(cid) & 0xffffffu) << 40) | ((uint64_t)(exp) & PRES_LIVE_EXP_MASK))
 
 /* A user record: 128 bytes. */
 typedef struct {
@@ -211,7 +218,8 @@ typedef struct {
     uint64_t last_seen;      /* wall ms: latest last seen of the user's
                                 devices no longer in memory (evicted) */
     uint64_t status;         /* the daemon's: last status it published in
-                                the change feed (PRES_US_*) */
+                                the change feed (enum pres_status; 0 until
+                                a first USER_STATUS event) */
     uint64_t spare;
 } pres_user_t;
 
@@ -281,8 +289,11 @@ typedef struct {
     uint64_t conn_at;        /* its cid and connected_at (a revival moves it) */
 } pres_typ_t;
 
-/* A slot of the change feed: 320 bytes.  `word` holds the seq and the
- * state of the slot (see lib/events.c); the rest is the event. */
+/* A slot of the change feed: 320 bytes.  `word` holds the lap of the seq
+ * the slot holds (seq / slots), its state and a latch (see below and
+ * lib/events.c); at_ms .. conv are the event, read and written only as the
+ * 34 words from at_ms on; lost_at is the time a LOST slot was declared
+ * lost, written only by whoever declares it. */
 typedef struct {
     uint64_t word;
     uint64_t at_ms;
@@ -292,8 +303,31 @@ typedef struct {
     char     dev[PRES_ID_MAX];
     char     gw[PRES_ID_MAX];
     char     conv[PRES_ID_MAX];
-    uint8_t  pad[40];
+    uint64_t lost_at;
+    uint8_t  pad[32];
 } pres_event_slot_t;
+
+/* An event slot's word:
+ *   bits  0..1   state (PRES_EVS_*)
+ *   bits  2..15  latch: CLAIMED: the appending thread's latch value; LOST:
+ *                a writer that may still be copying into the slot (it was
+ *                stopped when its claim was declared lost), 0 none
+ *   bits 16..63  lap of the seq: seq >> log2(slots), modulo 2^48
+ * A seq s lives in slot s & (slots - 1). */
+enum {
+    PRES_EVS_EMPTY = 0,        /* never written */
+    PRES_EVS_CLAIMED = 1,      /* a writer is copying the event in */
+    PRES_EVS_PUBLISHED = 2,    /* readable */
+    PRES_EVS_LOST = 3          /* its writer died or stopped: PRES_EV_LOST */
+};
+#define PRES_EVW_MAKE(lap, st, latch) \
+    (((uint64_t)(lap) << 16) | ((uint64_t)((latch) & 0x3fffu) << 2) | (uint64_t)(st))
+#define PRES_EVW_STATE(w)    ((unsigned)((w) & 3u))
+#define PRES_EVW_LATCH(w)    ((unsigned)(((w) >> 2) & 0x3fffu))
+#define PRES_EVW_LAP(w)      ((w) >> 16)
+#define PRES_EVW_LAP_MASK    ((UINT64_C(1) << 48) - 1)
+/* The smallest feed: a lap is at least this many seqs. */
+#define PRES_EVENTS_MIN      1024u
 
 /* A change note (lib/notes.c): a record the daemon should look at again,
  * for the mirror and for its timers.
@@ -333,6 +367,8 @@ _Static_assert(sizeof(pres_gw_t) == 128, "gateway entry layout");
 _Static_assert(sizeof(pres_exc_t) == 128, "exception entry layout");
 _Static_assert(sizeof(pres_typ_t) == 128, "typing record layout");
 _Static_assert(sizeof(pres_event_slot_t) == 320, "event slot layout");
+_Static_assert(offsetof(pres_event_slot_t, at_ms) == 8 &&
+               offsetof(pres_event_slot_t, lost_at) == 8 + 34 * 8, "event slot words");
 
 /* ---- free-record rings ----------------------------------------------------
  * The daemon (the one producer) offers free records to clients through a
@@ -402,11 +438,9 @@ typedef struct {
         uint64_t cons __attribute__((aligned(PRES_CACHELINE)));
     } ring[PRES_RK_COUNT];
     uint64_t prod[PRES_RK_COUNT] __attribute__((aligned(PRES_CACHELINE)));
-    /* the change feed: the next seq to claim (starts at 1) */
+    /* the change feed: the next seq to claim (starts at 1); its watchers'
+     * words are in the readers file (pres_rhdr_t) */
     uint64_t ev_next __attribute__((aligned(PRES_CACHELINE)));
-    /* watchers asleep (nonzero), and the futex word they sleep on */
-    uint32_t ev_sleepers __attribute__((aligned(PRES_CACHELINE)));
-    uint32_t ev_futex;
     /* change notes: the next position to write (clients) and the daemon's
      * read position */
     uint64_t note_head __attribute__((aligned(PRES_CACHELINE)));
@@ -467,6 +501,12 @@ typedef struct {
     uint64_t gp_epoch __attribute__((aligned(PRES_CACHELINE)));
     /* counters folded in from clients that are gone */
     uint64_t folded[PRES_C_COUNT] __attribute__((aligned(PRES_CACHELINE)));
+    /* the change feed's watchers: nonzero when one may be asleep (set by
+     * watchers before they sleep, cleared by the writer that wakes them),
+     * and the futex word they sleep on.  Here because every attached
+     * process, read-only ones too, must write them. */
+    uint32_t ev_sleepers __attribute__((aligned(PRES_CACHELINE)));
+    uint32_t ev_futex;
 } pres_rhdr_t;
 _Static_assert(sizeof(pres_rhdr_t) <= PRES_HDR_SIZE, "readers header fits");
 

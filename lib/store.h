@@ -129,6 +129,47 @@ PRES_HIDDEN void pres__ev_emit(pres_map_t *m, unsigned latch, int kind, int stat
                                const char *gw, size_t glen, const char *conv, size_t clen,
                                uint64_t at_ms);
 
+/* The same in two steps, for a change that must be announced exactly once
+ * even if its writer is killed half-way: claim a seq *before* making the
+ * change (under the record's latch, so that the feed orders the changes of
+ * a record as they happened), then publish what happened, or abandon the
+ * claim (the seq reads as PRES_EV_LOST) if nothing did.  A thread holds at
+ * most one claim at a time, briefly: watchers wait for it. */
+typedef struct {
+    pres_event_slot_t *slot;     /* NULL: no claim held */
+    uint64_t seq;
+    uint64_t word;               /* the CLAIMED word we wrote */
+} pres_evc_t;
+
+typedef struct {
+    int         kind, status;
+    uint64_t    at_ms;
+    const char *user, *dev, *gw, *conv;   /* may be NULL: empty */
+    size_t      ulen, dlen, glen, clen;
+} pres_ev_t;
+
+/* 0, or -EPROTO when the ring is damaged (then c->slot is NULL). */
+PRES_HIDDEN int  pres__ev_claim(pres_map_t *m, unsigned latch, pres_evc_t *c);
+PRES_HIDDEN void pres__ev_publish(pres_map_t *m, pres_evc_t *c, const pres_ev_t *e);
+PRES_HIDDEN void pres__ev_abandon(pres_map_t *m, pres_evc_t *c);
+/* Publish claim c as an event about device record i on gateway entry gw. */
+PRES_HIDDEN void pres__ev_dev(pres_map_t *m, pres_evc_t *c, int kind, uint32_t i, uint32_t gw,
+                              uint64_t at_ms);
+/* Device record i stops being connected: end its live typing record, if
+ * any, announcing PRES_EV_TYPING_STOP.  Returns 1 if it ended one. */
+PRES_HIDDEN int  pres__ev_typing_end(pres_map_t *m, unsigned latch, uint32_t i, uint32_t gw,
+                                     uint64_t at_ms);
+/* End typing record t, whose word was w (LIVE), by the CAS LIVE -> ENDED:
+ * whoever makes that CAS announces the stop.  Returns 1 if we made it. */
+PRES_HIDDEN int  pres__ev_typ_stop(pres_map_t *m, unsigned latch, uint32_t t, uint64_t w,
+                                   uint32_t gw, uint64_t at_ms);
+/* Declare slot sl, whose word was w, lost at lap `lap`, keeping latch
+ * `keep` (a writer that may still copy into it) or 0.  1 if the CAS took. */
+PRES_HIDDEN int  pres__ev_declare_lost(pres_event_slot_t *sl, uint64_t w, uint64_t lap,
+                                       unsigned keep, uint64_t at_ms);
+/* Wake the watchers asleep, if any (after a publish or a declaration). */
+PRES_HIDDEN void pres__ev_wake(pres_map_t *m);
+
 /* ---- the user view (user.c) ------------------------------------------------ */
 
 /* What a user's devices add up to at one instant, before privacy. */

@@ -16,7 +16,10 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <signal.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 #include <cmocka.h>
 
@@ -385,6 +388,8 @@ static void test_stats_human(void **state)
     (void)state;
     expect_exit(CTL("stats"), 0, "stats");
     assert_true(strlen(out) > 10);
+    assert_non_null(strstr(out, "feed_capacity    262144 events"));
+    assert_non_null(strstr(out, "feed_seq "));
 }
 
 static const char *const stat_fields[] = {
@@ -406,6 +411,12 @@ static void test_stats_json(void **state)
     assert_int_equal(json_u64(doc, "disconnects"), st.disconnects);
     assert_int_equal(json_u64(doc, "devices"), 4);
     assert_int_equal(json_u64(doc, "users"), 2);
+    /* The change feed beside the counters: its capacity (the default) and
+     * its last seq, which is stats.events. */
+    assert_int_equal(json_u64(doc, "feed_capacity"), 262144);
+    assert_true(json_u64(doc, "feed_seq") >= st.events);
+    assert_true(json_u64(doc, "feed_seq") == json_u64(doc, "events") ||
+                json_u64(doc, "feed_seq") == json_u64(doc, "events") + 1);
 }
 
 static int is_counter(const char *f)
@@ -469,6 +480,9 @@ static void test_stats_prometheus(void **state)
     assert_int_equal((uint64_t)strtod(l + strlen("presence_capacity "), NULL),
                      st.capacity);
     assert_null(strstr(out, "presence_mirror_lag_ms"));
+    assert_non_null(strstr(out, "# TYPE presence_feed_capacity gauge\n"));
+    assert_non_null(line_starting("presence_feed_capacity 262144\n"));
+    assert_non_null(line_starting("presence_feed_seq "));
 }
 
 static void test_device(void **state)
@@ -562,6 +576,7 @@ static void test_dump(void **state)
     const char *doc = json_doc(out);
     const char *s = must_get(doc, "stats");
     assert_int_equal(json_u64(s, "capacity"), st.capacity);
+    assert_int_equal(json_u64(s, "feed_capacity"), 262144);
     assert_int_equal(json_u64(s, "devices"), 4);
     const char *devs = must_get(doc, "devices");
     size_t n = 0;
@@ -583,6 +598,7 @@ static void test_dump(void **state)
     }
 
     expect_exit(CTL("dump"), 0, "dump");
+    assert_non_null(strstr(out, "feed_seq "));
     assert_non_null(strstr(out, "dev_a"));
     assert_non_null(strstr(out, "dev_z"));
 }
@@ -592,6 +608,177 @@ static void test_check(void **state)
     (void)state;
     expect_exit(CTL("check"), 0, "check");
     assert_true(strlen(out) > 0);
+}
+
+/* ------------------------------------------------------------------------ */
+/* watch: runs in the background until a signal                              */
+
+typedef struct {
+    pid_t pid;
+    char  path[512];            /* its stdout */
+} watcher_t;
+
+static void watch_start(watcher_t *w, const th_store_t *st, int json)
+{
+    snprintf(w->path, sizeof w->path, "%s/watch-%d.out", st->dir, json);
+    int fd = open(w->path, O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    assert_true(fd >= 0);
+    char exe[600];
+    snprintf(exe, sizeof exe, "%s/presencectl", th_build_dir());
+    fflush(NULL);
+    w->pid = fork();
+    assert_true(w->pid >= 0);
+    if (w->pid == 0) {
+        dup2(fd, 1);
+        execl(exe, exe, "--name", st->name, "watch", json ? "--json" : NULL, (char *)NULL);
+        _exit(127);
+    }
+    close(fd);
+}
+
+/* Its output so far, into out. */
+static size_t watch_read(const watcher_t *w)
+{
+    memset(out, 0, sizeof out);
+    int fd = open(w->path, O_RDONLY);
+    if (fd < 0)
+        return 0;
+    ssize_t n = read(fd, out, sizeof out - 1);
+    close(fd);
+    return n > 0 ? (size_t)n : 0;
+}
+
+/* Lines of its output that name `with` (NULL: any line). */
+struct lines_arg { const watcher_t *w; const char *with; int want; };
+
+static int has_lines(void *arg)
+{
+    struct lines_arg *a = arg;
+    watch_read(a->w);
+    int n = 0;
+    for (const char *l = out, *nl; (nl = strchr(l, '\n')); l = nl + 1)
+        if (!a->with || memmem(l, (size_t)(nl - l), a->with, strlen(a->with)))
+            n++;
+    return n >= a->want;
+}
+
+/* SIGTERM (or SIGINT): exit 0. */
+static void watch_stop(watcher_t *w, int sig)
+{
+    kill(w->pid, sig);
+    int rc = th_wait_child(w->pid, 5000);
+    if (rc != 0)
+        fail_msg("presencectl watch: exit %d after signal %d, expected 0", rc, sig);
+}
+
+/* The tool watches from the moment it took its cursor: reconnect dev_a in
+ * place (a CONNECT of an active user, nothing else) until it shows one. */
+static void watch_ready(const watcher_t *w)
+{
+    struct lines_arg any = { w, NULL, 1 };
+    for (int tries = 0; tries < 50; tries++) {
+        assert_int_equal(pres_connect(rw, "user_a", "dev_a", "gw_1", LONG_TTL, NULL), 0);
+        if (th_wait_until(has_lines, &any, 200))
+            return;
+    }
+    fail_msg("presencectl watch showed nothing");
+}
+
+/* Events of a user and device of their own: a connect, the user's status,
+ * a disconnect. */
+static void watch_events(const watcher_t *w, const char *user, const char *dev)
+{
+    watch_ready(w);
+    assert_int_equal(pres_connect(rw, user, dev, "gw_w", LONG_TTL, NULL), 0);
+    struct lines_arg two = { w, user, 2 };
+    assert_true(th_wait_until(has_lines, &two, 5000));
+    assert_int_equal(pres_disconnect(rw, dev), 0);
+    struct lines_arg three = { w, user, 3 };
+    assert_true(th_wait_until(has_lines, &three, 5000));
+}
+
+static void test_watch_json(void **state)
+{
+    (void)state;
+    watcher_t w;
+    watch_start(&w, &S, 1);
+    watch_events(&w, "user_w", "dev_w\"q");
+    watch_stop(&w, SIGTERM);
+    watch_read(&w);
+    /* One object a line, seqs consecutive, the pres_event_t field names. */
+    static const char *const kinds[] = { "connect", "user_status", "disconnect" };
+    char *line = out, *nl;
+    uint64_t seq = 0;
+    for (int k = 0; k < 3; line = nl + 1) {
+        assert_non_null(nl = strchr(line, '\n'));
+        *nl = '\0';
+        const char *o = json_doc(line);
+        uint64_t s = json_u64(o, "seq");
+        if (seq)
+            assert_int_equal(s, seq + 1);
+        seq = s;
+        if (!strstr(line, "user_w"))
+            continue;            /* watch_ready's reconnects of dev_a */
+        k++;
+        assert_true(json_u64(o, "at_ms") > 0);
+        assert_json_str(o, "kind", kinds[k - 1]);
+        assert_json_str(o, "user_id", "user_w");
+        const char *st = must_get(o, "status");
+        if (k == 2) {
+            assert_true(json_is_str(st, "active"));
+            assert_json_str(o, "device_id", "");
+            assert_json_str(o, "gateway_id", "");
+        } else {
+            assert_true(strncmp(st, "null", 4) == 0);
+            assert_json_str(o, "device_id", "dev_w\\\"q");
+            assert_json_str(o, "gateway_id", "gw_w");
+        }
+        assert_json_str(o, "conversation_id", "");
+    }
+}
+
+static void test_watch_human(void **state)
+{
+    (void)state;
+    watcher_t w;
+    watch_start(&w, &S, 0);
+    watch_events(&w, "user_h", "dev_h\"q");
+    watch_stop(&w, SIGINT);
+    watch_read(&w);
+    assert_non_null(strstr(out, " connect "));
+    assert_non_null(strstr(out, " user_status user user_h active"));
+    assert_non_null(strstr(out, " disconnect "));
+    assert_non_null(strstr(out, "user user_h device dev_h\"q gateway gw_w"));
+}
+
+/* The store goes away (its files removed): watch says so, exit 3. */
+static void test_watch_store_gone(void **state)
+{
+    (void)state;
+    th_store_t D;
+    const char *args[] = { "--capacity", "4096", NULL };
+    assert_int_equal(th_store_start(&D, args), 0);
+    watcher_t w;
+    watch_start(&w, &D, 1);
+    pres_t *d = NULL;
+    assert_int_equal(pres_open(&d, D.name, PRES_RDWR), 0);
+    struct lines_arg any = { &w, NULL, 1 };
+    int seen = 0;
+    for (int tries = 0; tries < 50 && !seen; tries++) {
+        assert_int_equal(pres_connect(d, "u", "d", "g", LONG_TTL, NULL), 0);
+        seen = th_wait_until(has_lines, &any, 200);
+    }
+    assert_true(seen);
+    pres_close(d);
+    char path[600];
+    snprintf(path, sizeof path, "%s/presence.%s", D.dir, D.name);
+    assert_int_equal(unlink(path), 0);
+    int rc = th_wait_child(w.pid, 5000);
+    th_store_destroy(&D);
+    setenv("PRESENCE_SHM_DIR", S.dir, 1);
+    setenv("PRESENCE_NAME", S.name, 1);
+    if (rc != 3)
+        fail_msg("watch of a store that went away: exit %d, expected 3", rc);
 }
 
 /* A store whose files are not a store: exit 3, and check says so. */
@@ -720,6 +907,9 @@ int main(void)
         cmocka_unit_test(test_route_none),
         cmocka_unit_test(test_dump),
         cmocka_unit_test(test_check),
+        cmocka_unit_test(test_watch_json),
+        cmocka_unit_test(test_watch_human),
+        cmocka_unit_test(test_watch_store_gone),
         cmocka_unit_test(test_damaged_store),
         cmocka_unit_test(test_user),
     };

@@ -30,7 +30,7 @@ static int make_store(void **state)
     setenv("PRESENCE_SHM_DIR", dir, 1);
     pres_map_t m;
     pres_layout_params_t lp = { .dev_cap = 8, .user_cap = 8, .gw_cap = 4, .exceptions = 4,
-                                .typing = 4, .events = 4, .notes = 4,
+                                .typing = 4, .events = 1024, .notes = 4,
                                 .idle_after_ms = 1000, .offline_grace_ms = 1000,
                                 .retain_ms = 1000 };
     if (pres__region_create(&m, NAME, &lp) < 0)

@@ -43,7 +43,7 @@ static int make_store(void **state)
     setenv("PRESENCE_SHM_DIR", dir, 1);
     pres_map_t m;
     pres_layout_params_t lp = { .dev_cap = 64, .user_cap = 64, .gw_cap = 16,
-                                .exceptions = 16, .typing = 16, .events = 16, .notes = 16,
+                                .exceptions = 16, .typing = 16, .events = 1024, .notes = 16,
                                 .idle_after_ms = 1000, .offline_grace_ms = 1000,
                                 .retain_ms = 100000 };
     if (pres__region_create(&m, NAME, &lp) < 0)

@@ -6,6 +6,7 @@
  *   presencectl [--name NAME] device DEVICE_ID [--json]
  *   presencectl [--name NAME] user   USER_ID [--viewer ID [--contact]] [--json]
  *   presencectl [--name NAME] route  USER_ID [--json]
+ *   presencectl [--name NAME] watch  [--json]
  *   presencectl [--name NAME] check  [--verbose]
  *
  * The tool is an ordinary client: it opens the store read-only through the
@@ -19,6 +20,7 @@
  */
 #include <errno.h>
 #include <getopt.h>
+#include <signal.h>
 #include <inttypes.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -26,6 +28,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 
 #include "presence.h"
@@ -81,6 +84,7 @@ static int cmd_stats(ctl_t *c, const args_t *a);
 static int cmd_device(ctl_t *c, const args_t *a);
 static int cmd_user(ctl_t *c, const args_t *a);
 static int cmd_route(ctl_t *c, const args_t *a);
+static int cmd_watch(ctl_t *c, const args_t *a);
 static int cmd_check(ctl_t *c, const args_t *a);
 
 static const cmd_t commands[] = {
@@ -90,6 +94,7 @@ static const cmd_t commands[] = {
     { "user",   cmd_user,   OPT_JSON | OPT_VIEWER | OPT_CONTACT, 1,
       "USER_ID [--viewer ID [--contact]] [--json]" },
     { "route",  cmd_route,  OPT_JSON,                  1, "USER_ID [--json]" },
+    { "watch",  cmd_watch,  OPT_JSON,                  0, "[--json]" },
     { "check",  cmd_check,  OPT_VERBOSE,               0, "[--verbose]" },
 };
 
@@ -105,7 +110,8 @@ static void usage(FILE *f)
         "\n"
         "  --name NAME    the store (default: $PRESENCE_NAME, else \"default\"),\n"
         "                 in $PRESENCE_SHM_DIR (default /dev/shm)\n"
-        "  --json         one JSON document instead of text\n"
+        "  --json         one JSON document instead of text (watch: one object\n"
+        "                 a line)\n"
         "  --prometheus   the Prometheus text exposition format\n"
         "  --verbose      check: also name each invariant checked\n"
         "  --viewer ID    user: as this person sees the user (privacy applies)\n"
@@ -632,24 +638,34 @@ static uint64_t stat_value(const pres_stats_t *s, const stat_field_t *f)
     return v;
 }
 
-static void json_stats(FILE *f, const pres_stats_t *s)
+/* The change feed's capacity and last seq come beside pres_stats_t (whose
+ * layout API.md fixes), from the inspection interface. */
+static void json_stats(FILE *f, const pres_stats_t *s, const pres_inspect_feed_t *fd)
 {
     for (size_t i = 0; i < N_STATS; i++)
         fprintf(f, "%s\"%s\": %" PRIu64, i == 0 ? "{" : ", ",
                 stat_fields[i].name, stat_value(s, &stat_fields[i]));
-    fputc('}', f);
+    fprintf(f, ", \"feed_capacity\": %" PRIu64 ", \"feed_seq\": %" PRIu64 "}",
+            fd->capacity, fd->last_seq);
 }
 
-static void human_stats(const pres_stats_t *s)
+static void human_stats(const pres_stats_t *s, const pres_inspect_feed_t *fd)
 {
     for (size_t i = 0; i < N_STATS; i++)
         printf("%-16s %" PRIu64 "\n", stat_fields[i].name,
                stat_value(s, &stat_fields[i]));
+    printf("%-16s %" PRIu64 " events\n%-16s %" PRIu64 "\n", "feed_capacity",
+           fd->capacity, "feed_seq", fd->last_seq);
 }
 
 /* Prometheus wants base units: mirror_lag_ms is exported in seconds,
  * printed exactly (ms / 1000 as a decimal) rather than through a double. */
-static void prometheus_stats(const pres_stats_t *s)
+static void prometheus_gauge(const char *name, const char *help, uint64_t v)
+{
+    printf("# HELP %s %s\n# TYPE %s gauge\n%s %" PRIu64 "\n", name, help, name, name, v);
+}
+
+static void prometheus_stats(const pres_stats_t *s, const pres_inspect_feed_t *fd)
 {
     for (size_t i = 0; i < N_STATS; i++) {
         const stat_field_t *f = &stat_fields[i];
@@ -669,6 +685,9 @@ static void prometheus_stats(const pres_stats_t *s)
         else
             printf("%s %" PRIu64 "\n", name, v);
     }
+    prometheus_gauge("presence_feed_capacity", "Events the change feed holds.", fd->capacity);
+    prometheus_gauge("presence_feed_seq", "The last seq appended to the change feed.",
+                     fd->last_seq);
 }
 
 static void human_bytes(const char *label, uint64_t bytes)
@@ -711,23 +730,26 @@ static void human_layout(const pres_inspect_info_t *in)
 static int cmd_stats(ctl_t *c, const args_t *a)
 {
     pres_inspect_info_t in;
+    pres_inspect_feed_t fd;
     pres_stats_t s;
     int r;
 
     if ((r = pres_stats(c->p, &s)) < 0)
         return failed("stats", r);
+    if ((r = pres__inspect_feed(c->p, &fd)) < 0)
+        return failed("feed", r);
     if (a->opts & OPT_JSON) {
-        json_stats(stdout, &s);
+        json_stats(stdout, &s, &fd);
         putchar('\n');
     } else if (a->opts & OPT_PROMETHEUS) {
-        prometheus_stats(&s);
+        prometheus_stats(&s, &fd);
     } else {
         if ((r = pres__inspect_info(c->p, &in)) < 0)
             return failed("layout", r);
         printf("store %s\n\n", c->shown);
         human_layout(&in);
         putchar('\n');
-        human_stats(&s);
+        human_stats(&s, &fd);
     }
     return EXIT_DONE;
 }
@@ -910,20 +932,21 @@ static int collect_device(const pres_device_info_t *d, void *arg)
     return 0;
 }
 
-static void dump_json(const pres_stats_t *s, const devlist_t *l)
+static void dump_json(const pres_stats_t *s, const pres_inspect_feed_t *fd,
+                      const devlist_t *l)
 {
     fputs("{\"stats\": ", stdout);
-    json_stats(stdout, s);
+    json_stats(stdout, s, fd);
     fputs(",\n  \"devices\": ", stdout);
     json_devices(stdout, l->d, l->n);
     puts("}");
 }
 
 static void dump_human(const ctl_t *c, const pres_stats_t *s,
-                       const devlist_t *l)
+                       const pres_inspect_feed_t *fd, const devlist_t *l)
 {
     printf("store %s\n\n", c->shown);
-    human_stats(s);
+    human_stats(s, fd);
     printf("\n%zu device%s held\n", l->n, l->n == 1 ? "" : "s");
     if (l->n > 0) {
         putchar('\n');
@@ -934,11 +957,14 @@ static void dump_human(const ctl_t *c, const pres_stats_t *s,
 static int cmd_dump(ctl_t *c, const args_t *a)
 {
     devlist_t l = { NULL, 0, 0 };
+    pres_inspect_feed_t fd;
     pres_stats_t s;
     int r;
 
     if ((r = pres_stats(c->p, &s)) < 0)
         return failed("stats", r);
+    if ((r = pres__inspect_feed(c->p, &fd)) < 0)
+        return failed("feed", r);
     if ((r = pres__inspect_devices(c->p, collect_device, &l)) < 0) {
         free(l.d);
         return failed("devices", r);
@@ -946,10 +972,144 @@ static int cmd_dump(ctl_t *c, const args_t *a)
     /* Table order is hash order: sorted, a dump reads and diffs well. */
     qsort(l.d, l.n, sizeof *l.d, by_device_id);
     if (a->opts & OPT_JSON)
-        dump_json(&s, &l);
+        dump_json(&s, &fd, &l);
     else
-        dump_human(c, &s, &l);
+        dump_human(c, &s, &fd, &l);
     free(l.d);
+    return EXIT_DONE;
+}
+
+/*
+ * watch: the change feed from now on, one event a line, each line flushed
+ * as it comes (a pipe to another program sees it at once).  A watcher that
+ * falls behind the feed's capacity is told on stderr and goes on from the
+ * oldest event held.  Runs until SIGINT or SIGTERM (exit 0), or until the
+ * store goes away (its files removed or replaced: exit 3).
+ */
+static volatile sig_atomic_t watch_stop;
+
+static void on_watch_signal(int sig)
+{
+    (void)sig;
+    watch_stop = 1;
+}
+
+/* How often watch looks up from pres_watch: for a signal, and for the
+ * store going away. */
+#define WATCH_POLL_MS 200
+
+static const char *event_kind(int k)
+{
+    static const char *const names[] = {
+        [PRES_EV_CONNECT] = "connect", [PRES_EV_DISCONNECT] = "disconnect",
+        [PRES_EV_EXPIRE] = "expire", [PRES_EV_USER_STATUS] = "user_status",
+        [PRES_EV_TYPING] = "typing", [PRES_EV_TYPING_STOP] = "typing_stop",
+        [PRES_EV_LOST] = "lost",
+    };
+    return k >= PRES_EV_CONNECT && k <= PRES_EV_LOST ? names[k] : "unknown";
+}
+
+static const char *status_name(int st)
+{
+    switch (st) {
+    case PRES_ACTIVE_NOW: return "active";
+    case PRES_IDLE_NOW:   return "idle";
+    default:              return "offline";
+    }
+}
+
+static void json_event(FILE *f, const pres_event_t *e)
+{
+    fprintf(f, "{\"seq\": %" PRIu64 ", \"at_ms\": %" PRIu64 ", \"kind\": \"%s\", "
+            "\"status\": ", e->seq, e->at_ms, event_kind(e->kind));
+    if (e->kind == PRES_EV_USER_STATUS)
+        fprintf(f, "\"%s\"", status_name(e->status));
+    else
+        fputs("null", f);
+    fputs(", \"user_id\": ", f);
+    json_str(f, e->user_id);
+    fputs(", \"device_id\": ", f);
+    json_str(f, e->device_id);
+    fputs(", \"gateway_id\": ", f);
+    json_str(f, e->gateway_id);
+    fputs(", \"conversation_id\": ", f);
+    json_str(f, e->conversation_id);
+    fputs("}\n", f);
+}
+
+/* seq, time, kind, then only the fields the kind has. */
+static void human_event(FILE *f, const pres_event_t *e)
+{
+    char t[32], b[HUMAN_MAX];
+
+    fprintf(f, "%" PRIu64 " %s %-11s", e->seq, iso_time(e->at_ms, t), event_kind(e->kind));
+    if (e->user_id[0])
+        fprintf(f, " user %s", (human_str(e->user_id, b), b));
+    if (e->device_id[0])
+        fprintf(f, " device %s", (human_str(e->device_id, b), b));
+    if (e->gateway_id[0])
+        fprintf(f, " gateway %s", (human_str(e->gateway_id, b), b));
+    if (e->conversation_id[0])
+        fprintf(f, " conversation %s", (human_str(e->conversation_id, b), b));
+    if (e->kind == PRES_EV_USER_STATUS)
+        fprintf(f, " %s", status_name(e->status));
+    if (e->kind == PRES_EV_LOST)
+        fputs(" (its writer died or stopped while appending it: resync)", f);
+    fputc('\n', f);
+}
+
+/* The records file we mapped is still the store's. */
+static int store_still_there(const char *path, const struct stat *was)
+{
+    struct stat st;
+
+    return stat(path, &st) == 0 && st.st_ino == was->st_ino && st.st_dev == was->st_dev;
+}
+
+static int cmd_watch(ctl_t *c, const args_t *a)
+{
+    struct sigaction sa;
+    pres_inspect_info_t in;
+    struct stat was;
+    uint64_t cur = 0;
+    int r;
+
+    if ((r = pres__inspect_info(c->p, &in)) < 0)
+        return failed("layout", r);
+    if (stat(in.path, &was) < 0) {
+        fprintf(stderr, "%s: %s: %s\n", progname, in.path, strerror(errno));
+        return EXIT_STORE;
+    }
+    /* No SA_RESTART: the flag is looked at within WATCH_POLL_MS anyway. */
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_watch_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+    while (!watch_stop) {
+        pres_event_t e;
+        r = pres_watch(c->p, &cur, &e, WATCH_POLL_MS);
+        if (r == -ETIMEDOUT) {
+            if (!store_still_there(in.path, &was)) {
+                fprintf(stderr, "%s: store '%s' went away\n", progname, c->shown);
+                return EXIT_STORE;
+            }
+            continue;
+        }
+        if (r == -EOVERFLOW) {
+            fprintf(stderr, "%s: fell behind the change feed: events were lost; going on from "
+                    "seq %" PRIu64 ", the oldest held\n", progname, cur);
+            continue;
+        }
+        if (r < 0)
+            return failed("watch", r);
+        if (a->opts & OPT_JSON)
+            json_event(stdout, &e);
+        else
+            human_event(stdout, &e);
+        if (fflush(stdout) != 0)
+            return EXIT_USAGE;    /* finish_output says why */
+    }
     return EXIT_DONE;
 }
 
