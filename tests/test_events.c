@@ -534,30 +534,12 @@ static void test_status_silent(void **state)
 }
 
 /* ------------------------------------------------------------------------ */
-/* Typing: records made by hand here (pres_typing writes them the same way) */
+/* Typing                                                                    */
 
-static uint32_t make_typing(pres_t *p, const char *dev, const char *conv, uint32_t ttl_ms)
+static void expect_typing(pres_t *p, uint64_t *cur, int kind, const char *conv)
 {
-    pres_map_t *m = &p->m;
-    pres_rs_t *t = pres__gp_enter(p);
-    assert_non_null(t);
-    int i = pres__idx_dev_find(m, dev, strlen(dev), pres__hash(dev, strlen(dev), m->seed));
-    assert_true(i >= 0);
-    uint32_t k;
-    assert_rc(pres__alloc_take(p, PRES_RK_TYP, &k), 0);
-    pres_typ_t *r = &m->typs[k];
-    pa_store(&r->alloc, p->token);
-    pa_store(&r->dev, (uint32_t)i);
-    pa_store(&r->dgen, pa_load(&m->devs[i].gen));
-    pa_store(&r->user, pa_load(&m->devs[i].user));
-    r->keylen = (uint8_t)strlen(conv);
-    memcpy(r->key, conv, strlen(conv));
-    pa_store(&r->started, pres_now_ms());
-    pa_store_release(&r->word, PRES_TW_MAKE(pres__mono_ms() + ttl_ms, PRES_TS_LIVE));
-    pa_store_release(&m->devs[i].typing, PRES_LINK(k, pa_load(&r->gen)));
-    pres__note(m, PRES_NOTE_TYP, k);
-    pres__gp_leave(t);
-    return k;
+    pres_event_t e = expect(p, cur, kind, "ut", "dt", "gt");
+    assert_string_equal(e.conversation_id, conv);
 }
 
 static void test_typing_stop(void **state)
@@ -571,17 +553,30 @@ static void test_typing_stop(void **state)
     expect_status(p, &cur, "ut", PRES_ACTIVE_NOW);
 
     /* Its TTL passes: the daemon stops it, once. */
-    uint32_t k = make_typing(p, "dt", "conv-ttl", 200);
-    pres_event_t e = expect(p, &cur, PRES_EV_TYPING_STOP, "ut", "dt", "gt");
-    assert_string_equal(e.conversation_id, "conv-ttl");
-    assert_int_equal(PRES_TW_STATE(pa_load(&p->m.typs[k].word)), PRES_TS_ENDED);
+    assert_rc(pres_typing(p, "dt", "conv-ttl", 200), 0);
+    expect_typing(p, &cur, PRES_EV_TYPING, "conv-ttl");
+    expect_typing(p, &cur, PRES_EV_TYPING_STOP, "conv-ttl");
+    expect_quiet(p, &cur, QUIET_MS);
+
+    /* Repeats within the TTL make no event; a move stops the old
+     * conversation, then starts the new; ttl 0 stops. */
+    assert_rc(pres_typing(p, "dt", "conv-rep", 60000), 0);
+    expect_typing(p, &cur, PRES_EV_TYPING, "conv-rep");
+    for (int k = 0; k < 5; k++)
+        assert_rc(pres_typing(p, "dt", "conv-rep", 60000), 0);
+    expect_quiet(p, &cur, QUIET_MS);
+    assert_rc(pres_typing(p, "dt", "conv-move", 60000), 0);
+    expect_typing(p, &cur, PRES_EV_TYPING_STOP, "conv-rep");
+    expect_typing(p, &cur, PRES_EV_TYPING, "conv-move");
+    assert_rc(pres_typing(p, "dt", "conv-move", 0), 0);
+    expect_typing(p, &cur, PRES_EV_TYPING_STOP, "conv-move");
     expect_quiet(p, &cur, QUIET_MS);
 
     /* Its device disconnects: the disconnect stops it, before its DISCONNECT. */
-    make_typing(p, "dt", "conv-disc", 60000);
+    assert_rc(pres_typing(p, "dt", "conv-disc", 60000), 0);
+    expect_typing(p, &cur, PRES_EV_TYPING, "conv-disc");
     assert_rc(pres_disconnect(p, "dt"), 0);
-    e = expect(p, &cur, PRES_EV_TYPING_STOP, "ut", "dt", "gt");
-    assert_string_equal(e.conversation_id, "conv-disc");
+    expect_typing(p, &cur, PRES_EV_TYPING_STOP, "conv-disc");
     expect(p, &cur, PRES_EV_DISCONNECT, "ut", "dt", "gt");
     expect_status(p, &cur, "ut", PRES_OFFLINE);
 
@@ -589,10 +584,10 @@ static void test_typing_stop(void **state)
     assert_rc(pres_connect(p, "ut", "dt", "gt", 1500, NULL), 0);
     expect(p, &cur, PRES_EV_CONNECT, "ut", "dt", "gt");
     expect_status(p, &cur, "ut", PRES_ACTIVE_NOW);
-    make_typing(p, "dt", "conv-exp", 60000);
+    assert_rc(pres_typing(p, "dt", "conv-exp", 60000), 0);
+    expect_typing(p, &cur, PRES_EV_TYPING, "conv-exp");
     expect(p, &cur, PRES_EV_EXPIRE, "ut", "dt", "gt");
-    e = expect(p, &cur, PRES_EV_TYPING_STOP, "ut", "dt", "gt");
-    assert_string_equal(e.conversation_id, "conv-exp");
+    expect_typing(p, &cur, PRES_EV_TYPING_STOP, "conv-exp");
     expect_status(p, &cur, "ut", PRES_OFFLINE);
     expect_quiet(p, &cur, QUIET_MS);
     pres_close(p);
