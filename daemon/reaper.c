@@ -229,7 +229,8 @@ static int dev_end_by_death(pd_t *d, uint32_t i, uint32_t gw, uint32_t inc, uint
      * whose TTL had already passed, its last sign of life. */
     uint64_t ended = pres__wall_of(m, was_connected ? nm : (exp > ttl ? exp - ttl : 0));
     pa_store(&r->conn[k ^ 1].gw, pa_load(&r->conn[k].gw));
-    pa_store(&r->conn[k ^ 1].flags, pa_load(&r->conn[k].flags) | PRES_CONN_DIED);
+    pa_store(&r->conn[k ^ 1].flags, pa_load(&r->conn[k].flags) | PRES_CONN_DIED |
+                                        (was_connected ? 0 : PRES_CONN_LAPSED));
     pa_store(&r->conn[k ^ 1].connected_at, pa_load(&r->conn[k].connected_at));
     pa_store(&r->conn[k ^ 1].ended, ended);
     pa_store(&r->ttl[k ^ 1], ttl);

@@ -58,6 +58,9 @@
 #define BUSY_RETRY_MS 4u
 
 #define LIVE_LATCH_MASK (~(uint64_t)0 << 50)
+/* How many times a user's status change is put off while one of their
+ * devices is being connected (each a wheel tick or so). */
+#define UNSETTLED_MAX 32u
 
 struct pd_timers {
     uint32_t  n_dev, n_user, n_typ, n;   /* timer ids: devices, users, typing */
@@ -68,7 +71,9 @@ struct pd_timers {
     uint64_t  cur;                       /* next wheel tick (ms / TW_RES_MS) */
     uint8_t  *counted;                   /* per device: counted connected */
     uint32_t *dev_user;                  /* per device: its user when seen */
-    uint8_t  *queued;                    /* per user: to evaluate this tick */
+    uint8_t  *queued;                    /* per user: bit 0 to evaluate this
+                                            tick; bits 1..7 announcements
+                                            put off (UNSETTLED_MAX) */
     uint32_t *uq;
     size_t    uq_n;
     uint64_t  connected;
@@ -120,9 +125,9 @@ static void tw_arm(struct pd_timers *T, uint32_t id, uint64_t when)
 
 static void user_queue(struct pd_timers *T, uint32_t u)
 {
-    if (u >= T->n_user || T->queued[u])
+    if (u >= T->n_user || (T->queued[u] & 1))
         return;
-    T->queued[u] = 1;
+    T->queued[u] |= 1;
     T->uq[T->uq_n++] = u;
 }
 
@@ -154,6 +159,17 @@ static void user_eval(pd_t *d, uint32_t u, uint64_t nm, uint64_t nw)
         return;
     }
     pres_user_t *r = &m->users[u];
+    if ((uint64_t)g.status != pa_load(&r->status) && g.unsettled &&
+        (T->queued[u] >> 1) < UNSETTLED_MAX) {
+        /* A device between its old record and its new one counted as
+         * absent: look again shortly rather than announce a flap (a
+         * writer stopped mid-connect delays the announcement a little,
+         * never for good). */
+        T->queued[u] = (uint8_t)(T->queued[u] + 2);
+        tw_arm(T, id, nm + 1);
+        return;
+    }
+    T->queued[u] &= 1;
     if ((uint64_t)g.status != pa_load(&r->status)) {
         pres_evc_t c;
         /* The seq first: a daemon killed before the store below leaves a
@@ -176,7 +192,7 @@ static void users_run(pd_t *d, uint64_t nm, uint64_t nw)
     struct pd_timers *T = d->tm;
     for (size_t k = 0; k < T->uq_n; k++) {
         uint32_t u = T->uq[k];
-        T->queued[u] = 0;
+        T->queued[u] &= (uint8_t)~1u;
         user_eval(d, u, nm, nw);
     }
     T->uq_n = 0;

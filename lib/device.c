@@ -492,6 +492,8 @@ PRES_API int pres_connect(pres_t *p, const char *user_id, const char *device_id,
                 pres__key_eq(&m->users[u].keylen, m->users[u].key, user_id, ulen)) {
                 rc = reconnect(p, t, (uint32_t)i, (uint32_t)gwi, ttl_ms, nm, nw, &cid, &ev);
                 idx = (uint32_t)i;
+                if (rc == -EAGAIN)
+                    pres__ev_abandon(m, &ev);
                 if (rc != -EBUSY)
                     continue;
                 /* Its latch is held by a stopped process: a new record
@@ -500,6 +502,12 @@ PRES_API int pres_connect(pres_t *p, const char *user_id, const char *device_id,
         }
         rc = connect_new(p, t, user_id, ulen, device_id, len, h, (uint32_t)gwi,
                          ttl_ms, nm, nw, &idx, &cid, &ev);
+        /* A seq is claimed under the latch of the record it speaks of, so
+         * that the feed orders a device's changes as they happened: an
+         * attempt that failed gives its seq up (LOST), and the next one
+         * claims under its own record. */
+        if (rc == -EAGAIN)
+            pres__ev_abandon(m, &ev);
     }
     if (rc == 0) {
         pres__ev_dev(m, &ev, PRES_EV_CONNECT, idx, (uint32_t)gwi, nw);

@@ -226,6 +226,10 @@ int pres__ev_claim(pres_map_t *m, unsigned latch, pres_evc_t *c)
         }
         uint64_t want = PRES_EVW_MAKE(lap, PRES_EVS_CLAIMED, latch);
         if (pa_cas(&sl->word, &w, want)) {
+            /* The body stores that follow must not become visible before
+             * the claim (a seqlock writer's order): a reader of the slot's
+             * old lap that copies any of them then sees the word move on. */
+            pa_fence_release();
             help_next(m, s);
             c->slot = sl;
             c->seq = s;
@@ -429,7 +433,9 @@ static int try_read(const pres_map_t *m, uint64_t c, pres_event_t *ev, int sc)
     /* The copy's loads complete before the word is read again: if it did
      * not change, no later lap's writer touched what we copied. */
     pa_fence_acquire();
-    if (pa_load(&sl->word) != w)
+    /* The latch bits of a LOST slot may be cleared meanwhile (its stopped
+     * writer is done with it): that rewrites nothing we copied. */
+    if ((pa_load(&sl->word) ^ w) & ~(UINT64_C(0x3fff) << 2))
         return -EOVERFLOW;
     memset(ev, 0, sizeof *ev);
     ev->seq = c;

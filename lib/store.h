@@ -181,6 +181,10 @@ typedef struct {
     /* The monotonic instant at which status may next change with no write
      * (an expiry, the idle timer, the end of the grace); UINT64_MAX none. */
     uint64_t next_change;
+    /* A record being connected (PENDING) was passed over: a device may be
+     * between its old record and its new one, and count as absent for the
+     * instant. */
+    int      unsettled;
 } pres_agg_t;
 
 /* Aggregate user u's devices at monotonic nm (wall nw).  Call inside a read

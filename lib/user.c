@@ -59,6 +59,7 @@ int pres__user_agg(const pres_map_t *m, uint32_t u, uint64_t nm, uint64_t nw, pr
     int raw = PRES_OFFLINE, at_stop = PRES_OFFLINE;
     unsigned devices = 0;
     uint64_t last_seen = pa_load(&m->users[u].last_seen);
+    out->unsettled = 0;
 
     uint64_t l = pa_load_acquire(&m->users[u].dhead);
     if (PRES_LINK_NO_LIST(l))
@@ -72,8 +73,13 @@ int pres__user_agg(const pres_map_t *m, uint32_t u, uint64_t nm, uint64_t nw, pr
             return -EAGAIN;
         pres_snap_t s;
         l = pa_load_acquire(&d->unext);
-        if (pa_load(&d->user) != u || pres__dev_snap(m, i, &s) != 0)
+        if (pa_load(&d->user) != u)
             continue;
+        if (pres__dev_snap(m, i, &s) != 0) {
+            if (PRES_LIVE_STATE(pa_load(&d->live)) == PRES_DS_PENDING)
+                out->unsettled = 1;
+            continue;
+        }
         /* A device superseded by a newer record may still be linked for
          * an instant: the first (newest) record of a key counts. */
         int dup = 0;
