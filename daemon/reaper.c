@@ -30,6 +30,7 @@
 #include "atomics.h"
 #include "clock.h"
 #include "daemon.h"
+#include "mirror.h"
 #include "store.h"
 
 #define LIVE_LATCH_MASK   (~(uint64_t)0 << 50)
@@ -493,12 +494,16 @@ static unsigned dev_examine(pd_t *d, uint32_t i, uint64_t nm, uint64_t nw)
         uint64_t seen = st == PRES_DS_DISCONNECTED
                             ? pa_load(&r->conn[k].ended)
                             : pres__wall_of(m, exp > pa_load(&r->ttl[k]) ? exp - pa_load(&r->ttl[k]) : 0);
-        if (evict && pa_cas(&r->live, &L, (L & ~LIVE_STATE_MASK) | ((uint64_t)PRES_DS_DEAD << 40))) {
+        /* Only once LMDB holds its final state: it is answered from there
+         * from now on. */
+        if (evict && pd_mirror_may_evict(d, i, nm, nw) &&
+            pa_cas(&r->live, &L, (L & ~LIVE_STATE_MASK) | ((uint64_t)PRES_DS_DEAD << 40))) {
             uint32_t u = pa_load(&r->user);
             if (u < m->user_cap) {
                 uint64_t cur = pa_load(&m->users[u].last_seen);
                 while (cur < seen && !pa_cas(&m->users[u].last_seen, &cur, seen))
                     ;
+                pd_mirror_user(d, u);
             }
             pa_add_relaxed(&m->hdr->dc.evictions, 1);
             pa_add_relaxed(&m->hdr->dc.devices_gone, 1);
@@ -509,9 +514,11 @@ static unsigned dev_examine(pd_t *d, uint32_t i, uint64_t nm, uint64_t nw)
     if (st == PRES_DS_CONNECTED) {
         if (exp > nm) {
             d->pass_connected++;
+            pd_mirror_active(d, i, nm);
         } else if (d->exp_seen[i] != exp) {
             d->exp_seen[i] = exp;              /* a TTL passed: counted once */
             pa_add_relaxed(&m->hdr->dc.expirations, 1);
+            pd_mirror_dev(d, i);               /* its last seen is final */
         }
     }
     return st;
@@ -635,6 +642,10 @@ static int user_remove(pd_t *d, uint32_t u, void *ctx)
         d->user_empty[u] = 1;
         return 0;
     }
+    /* LMDB holds its last seen before it is answered only from there. */
+    uint64_t nm = pres__mono_ms();
+    if (!pd_mirror_may_retire(d, u, nm, pres__wall_of(m, nm)))
+        return 0;
     if (!pa_cas(&r->dhead, &dh, PRES_LINK_RETIRED))
         return 0;                    /* a device was linked meanwhile */
     pa_add_relaxed(&m->hdr->dc.users_gone, 1);
@@ -1004,6 +1015,7 @@ void pd_tick(pd_t *d)
     claims_check(d);
     for (int k = 0; k < PRES_RK_COUNT; k++)
         ring_service(d, k);
+    pd_mirror_tick(d, nm);
     d->last_tick_mono = nm;
 }
 
