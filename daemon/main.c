@@ -516,13 +516,15 @@ int main(int argc, char **argv)
     int adopt = 0;
     if (open_store(&d, &adopt) < 0)
         return 1;
+    /* The writer's handle and reader slot before the store is ours (which
+     * pd_adopt announces): whoever waits for us finds us complete. */
+    if (pd_mirror_start(&d, adopt) < 0)
+        return 1;
     if (pd_adopt(&d) < 0) {
         pd_log(LOG_ERR, "out of memory adopting the store");
         return 1;
     }
     publish_settings(&d);
-    if (pd_mirror_start(&d, adopt) < 0)
-        return 1;
     if (adopt)
         pd_log(LOG_INFO, "store '%s' adopted in %llu ms; LMDB is brought up to date with it "
                          "in the background", d.cfg.name,

@@ -496,7 +496,7 @@ static unsigned dev_examine(pd_t *d, uint32_t i, uint64_t nm, uint64_t nw)
                             : pres__wall_of(m, exp > pa_load(&r->ttl[k]) ? exp - pa_load(&r->ttl[k]) : 0);
         /* Only once LMDB holds its final state: it is answered from there
          * from now on. */
-        if (evict && pd_mirror_may_evict(d, i, nm, nw) &&
+        if (evict && pd_mirror_may_evict(d, i, nm) &&
             pa_cas(&r->live, &L, (L & ~LIVE_STATE_MASK) | ((uint64_t)PRES_DS_DEAD << 40))) {
             uint32_t u = pa_load(&r->user);
             if (u < m->user_cap) {
@@ -643,8 +643,7 @@ static int user_remove(pd_t *d, uint32_t u, void *ctx)
         return 0;
     }
     /* LMDB holds its last seen before it is answered only from there. */
-    uint64_t nm = pres__mono_ms();
-    if (!pd_mirror_may_retire(d, u, nm, pres__wall_of(m, nm)))
+    if (!pd_mirror_may_retire(d, u))
         return 0;
     if (!pa_cas(&r->dhead, &dh, PRES_LINK_RETIRED))
         return 0;                    /* a device was linked meanwhile */
