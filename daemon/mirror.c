@@ -13,9 +13,10 @@
  *     marks the device, a user note the user;
  *   - its own passes (reaper.c): a TTL seen passing, a user's last seen
  *     raised by an eviction, and an interaction on a device that was
- *     already active (one store on the gateway's hot path, no note: the
- *     index pass compares each connected device's activity word with the
- *     one last written); a gateway death writes a note;
+ *     already active (one store on the gateway's hot path, no note: one
+ *     index pass in ACTIVE_PASSES compares each connected device's
+ *     activity word with the one last written); a gateway death writes a
+ *     note;
  *   - sweeps, when notes were lost (d->resync & PD_RESYNC_MIRROR), after
  *     adopting a region (LMDB may lack what the previous daemon had not
  *     committed when it was killed), and at SIGTERM: every record is
@@ -70,6 +71,10 @@
  * a store of a million devices is marked in about two seconds. */
 #define SWEEP_CHUNK    16384u
 #define SWEEP_NS       UINT64_C(3000000)
+/* Interactions no note announces (on a device already active) are looked
+ * for on one pass of the device index in this many (a pass takes a
+ * second at most): they reach LMDB within a few seconds. */
+#define ACTIVE_PASSES  4u
 /* An idle mirror still commits this often: the commit time (meta
  * "alive_ms") is what a rebuild takes as the last seen of devices that
  * LMDB says were connected. */
@@ -103,6 +108,7 @@ typedef struct {
     uint64_t  seq;                   /* jobs are numbered from 1 */
     uint64_t  wall;                  /* the commit's alive_ms */
     int       commit;                /* 0: stage only (commits failing) */
+    int       check;                 /* compare unwritten records with LMDB */
     int       rc;                    /* 0 committed, 1 staged, < 0 failed */
     uint32_t  again[64];             /* caught mid-publish: read again */
     size_t    n_again;
@@ -128,6 +134,8 @@ struct pd_mirror {
     int       pending;               /* staged, not committed */
     int       sweeping;
     uint64_t  sweep_pos, sweep_at, sweep_end;
+    int       adopting;              /* the adopt's sweep is not handed over */
+    uint64_t  dev_passes;            /* passes of the device index done */
     uint64_t  last_commit, retry_at, retry_ms;
     int       failing;
     uint64_t  seq, committed_seq, commits, committed;
@@ -277,7 +285,7 @@ static int block_read(const pres_map_t *m, uint64_t w, pres_db_user_t *out, uint
  * Returns 0, -EAGAIN (not a published, current user, or its list kept
  * moving), -EPROTO.  Call inside a read section. */
 static int user_read(const pres_map_t *m, uint32_t u, uint64_t nm, uint64_t nw, int check,
-                     pres_db_user_t *out, char *key, uint64_t *fp)
+                     pres_db_user_t *out, char *key, uint64_t *fp, int *connected)
 {
     const pres_user_t *r = &m->users[u];
     uint64_t a = pa_load(&r->alloc);
@@ -299,6 +307,7 @@ static int user_read(const pres_map_t *m, uint32_t u, uint64_t nm, uint64_t nw, 
     memcpy(key, r->key, kl);
     key[kl] = '\0';
     out->last_seen_ms = agg.last_seen_ms;
+    *connected = agg.devices > 0;
     /* acquire: the block the word names is read as it was published. */
     uint64_t w = pa_load_acquire(&r->privacy);
     if (!(w & PRES_PV_SET))
@@ -325,7 +334,8 @@ uint64_t pd_mirror_fp_user(pd_t *d, uint32_t u, uint64_t nm, uint64_t nw)
 {
     char key[PRES_ID_MAX + 1];
     uint64_t fp;
-    return user_read(&d->m, u, nm, nw, 0, d->mirror->wu, key, &fp) == 0 ? fp : 0;
+    int conn;
+    return user_read(&d->m, u, nm, nw, 0, d->mirror->wu, key, &fp, &conn) == 0 ? fp : 0;
 }
 
 void pd_mirror_set_written(pd_t *d, int user, uint32_t idx, uint64_t fp)
@@ -396,10 +406,13 @@ void pd_mirror_user(pd_t *d, uint32_t u)
     mark_user(d, u, pres__mono_ms());
 }
 
+/* On one pass of the index in ACTIVE_PASSES: the activity word is a line
+ * of the record the pass does not otherwise read, and the written one a
+ * random place of an array, two misses a connected device. */
 void pd_mirror_active(pd_t *d, uint32_t i, uint64_t nm)
 {
     struct pd_mirror *mr = d->mirror;
-    if (mr && i < mr->dev_cap &&
+    if (mr && mr->dev_passes % ACTIVE_PASSES == 0 && i < mr->dev_cap &&
         pa_load(&d->m.devs[i].activity) != pa_load(&mr->dact[i]))
         mark_dev(d, i, nm);
 }
@@ -504,6 +517,37 @@ static void extra_user(struct pd_mirror *mr, uint32_t u, uint64_t seq)
     mr->extra[mr->n_extra++] = u;
 }
 
+/* After an adopt, a record this daemon never wrote may be in LMDB as it
+ * is: what the fingerprint covers is compared, and an equal record is only
+ * noted as written.  A restart after a kill -9 so reads LMDB once rather
+ * than writing all of it again (new records are not looked up: that is
+ * for the adopt's sweep only). */
+static int dev_same(struct pd_mirror *mr, const char *key, const pres_db_dev_t *r)
+{
+    pres_db_dev_t o;
+    return pd_db_get_device(mr->db, key, &o) == 0 && !strcmp(o.user_id, r->user_id) &&
+           !strcmp(o.gateway_id, r->gateway_id) && o.connected_at_ms == r->connected_at_ms &&
+           o.last_active_ms == r->last_active_ms && o.connected == r->connected &&
+           (r->connected || o.last_seen_ms == r->last_seen_ms);
+}
+
+static int user_same(struct pd_mirror *mr, const char *key, const pres_db_user_t *u,
+                     int connected)
+{
+    pres_db_user_t *o = mr->wold;
+    if (pd_db_get_user(mr->db, key, o) != 0 || o->policy != u->policy ||
+        o->frozen_seen_ms != u->frozen_seen_ms || o->n_allow != u->n_allow ||
+        o->n_deny != u->n_deny || (!connected && o->last_seen_ms != u->last_seen_ms))
+        return 0;
+    for (uint32_t k = 0; k < u->n_allow; k++)
+        if (strcmp(o->allow[k], u->allow[k]))
+            return 0;
+    for (uint32_t k = 0; k < u->n_deny; k++)
+        if (strcmp(o->deny[k], u->deny[k]))
+            return 0;
+    return 1;
+}
+
 static void stage_dev(struct pd_mirror *mr, uint32_t i, const section_t *s, job_t *j)
 {
     pres_db_dev_t r;
@@ -517,6 +561,11 @@ static void stage_dev(struct pd_mirror *mr, uint32_t i, const section_t *s, job_
         extra_user(mr, u, j->seq);   /* moved away, say: its user lost it */
     if (rc < 0 || fp == mr->dfp[i])
         return;
+    if (j->check && mr->dfp[i] == 0 && dev_same(mr, key, &r)) {
+        mr->dfp[i] = fp;
+        pa_store(&mr->dact[i], act);
+        return;
+    }
     if ((rc = pd_db_put_device(mr->db, key, &r)) < 0) {
         pd_log(LOG_WARN, "mirror: device '%s' not staged: %s", key, strerror(-rc));
         return;
@@ -531,9 +580,15 @@ static void stage_user(struct pd_mirror *mr, uint32_t u, const section_t *s, job
 {
     char key[PRES_ID_MAX + 1];
     uint64_t fp;
-    int rc = user_read(&mr->rp->m, u, s->nm, s->nw, 1, mr->wu, key, &fp);
+    int conn;
+    int rc = user_read(&mr->rp->m, u, s->nm, s->nw, 1, mr->wu, key, &fp, &conn);
     if (rc < 0 || fp == mr->ufp[u])
         return;
+    if (j->check && mr->ufp[u] == 0 && mr->wu->last_seen_ms &&
+        user_same(mr, key, mr->wu, conn)) {
+        mr->ufp[u] = fp;
+        return;
+    }
     /* No last seen in memory: a record made again after the user left
      * memory (by a policy, say) knows nothing of the one LMDB has.  Else
      * the region's is the truth, even when earlier than LMDB's: a device
@@ -728,11 +783,12 @@ static void job_send(pd_t *d, uint64_t nm, int force)
     }
     /* A sweep's records are as old as the sweep: so is every job that
      * takes some, until the last of them has been handed over. */
+    j->check = mr->adopting;
     if (mr->sweep_at) {
         if (j->n && (!mr->fl_oldest || mr->sweep_at < mr->fl_oldest))
             mr->fl_oldest = mr->sweep_at;
         if (!mr->sweeping && mr->qhead >= mr->sweep_end)
-            mr->sweep_at = 0;
+            mr->sweep_at = mr->adopting = 0;
     }
     int may = force || !mr->failing || nm >= mr->retry_at;
     j->commit = may && (j->n || mr->pending || force || nm - mr->last_commit >= ALIVE_MS);
@@ -777,6 +833,8 @@ void pd_mirror_tick(pd_t *d, uint64_t nm)
     struct pd_mirror *mr = d->mirror;
     if (!mr || !mr->started)
         return;
+    if (d->hb_pos == 0)
+        mr->dev_passes++;            /* the tick's index pass ended one */
     notes_take(d, nm);
     if ((d->resync & PD_RESYNC_MIRROR) && !mr->sweeping)
         sweep_begin(d, nm);
@@ -880,6 +938,7 @@ int pd_mirror_start(pd_t *d, int resync)
          * every record is read and written (none is known written). */
         d->resync |= PD_RESYNC_MIRROR;
         mr->sweep_at = nm;
+        mr->adopting = 1;
     }
     /* A rebuild may have staged corrections. */
     if (pd_db_staged(mr->db)) {

@@ -43,7 +43,8 @@ int  pd_mirror_start(pd_t *d, int resync);
 void pd_mirror_dev(pd_t *d, uint32_t i);
 void pd_mirror_user(pd_t *d, uint32_t u);
 /* The index pass saw device i connected at nm: an interaction since the
- * last write (which no note announces) makes it dirty.  One load. */
+ * last write (which no note announces) makes it dirty.  Looked at on one
+ * pass in a few. */
 void pd_mirror_active(pd_t *d, uint32_t i, uint64_t nm);
 
 /* For a rebuild, before start: the fingerprint of what the mirror would
