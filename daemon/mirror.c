@@ -136,6 +136,7 @@ struct pd_mirror {
     uint64_t  sweep_pos, sweep_at, sweep_end;
     int       adopting;              /* the adopt's sweep is not handed over */
     uint64_t  dev_passes;            /* passes of the device index done */
+    uint64_t  notes_taken;           /* d->note_tail when d->nb was taken */
     uint64_t  last_commit, retry_at, retry_ms;
     int       failing;
     uint64_t  seq, committed_seq, commits, committed;
@@ -417,6 +418,24 @@ void pd_mirror_active(pd_t *d, uint32_t i, uint64_t nm)
         mark_dev(d, i, nm);
 }
 
+/* Mark what the notes read this tick (d->nb) name, once: the passes that
+ * ask whether a record may leave memory run before the mirror's tick, and
+ * must not miss a note of this tick. */
+static void notes_take(pd_t *d, uint64_t nm)
+{
+    struct pd_mirror *mr = d->mirror;
+    if (mr->notes_taken == d->note_tail)
+        return;
+    mr->notes_taken = d->note_tail;
+    for (size_t k = 0; k < d->nb_n; k++) {
+        const pd_note_t *n = &d->nb[k];
+        if (n->kind == PRES_NOTE_DEV)
+            mark_dev(d, n->idx, nm);
+        else if (n->kind == PRES_NOTE_USER)
+            mark_user(d, n->idx, nm);
+    }
+}
+
 /* ---- sweeps (main thread) -------------------------------------------------------- */
 
 static int sweep_owed(const pd_t *d)
@@ -466,7 +485,10 @@ static void sweep_step(pd_t *d, uint64_t nm, uint64_t budget, uint64_t until_ns)
 int pd_mirror_may_evict(pd_t *d, uint32_t i, uint64_t nm)
 {
     struct pd_mirror *mr = d->mirror;
-    if (!mr || i >= mr->dev_cap || sweep_owed(d) || mr->dflag[i])
+    if (!mr || i >= mr->dev_cap)
+        return 0;
+    notes_take(d, nm);
+    if (sweep_owed(d) || mr->dflag[i])
         return 0;
     /* A TTL that passed unseen (no pass has counted it yet): its last seen
      * became final without a write. */
@@ -481,8 +503,10 @@ int pd_mirror_may_evict(pd_t *d, uint32_t i, uint64_t nm)
 int pd_mirror_may_retire(pd_t *d, uint32_t u)
 {
     struct pd_mirror *mr = d->mirror;
-    return mr && u < mr->user_cap && !sweep_owed(d) && !mr->uflag[u] &&
-           pa_load(&mr->ujob[u]) <= mr->committed_seq;
+    if (!mr || u >= mr->user_cap)
+        return 0;
+    notes_take(d, pres__mono_ms());
+    return !sweep_owed(d) && !mr->uflag[u] && pa_load(&mr->ujob[u]) <= mr->committed_seq;
 }
 
 /* ---- the writer thread ------------------------------------------------------------ */
@@ -815,17 +839,6 @@ static void lag_publish(pd_t *d, uint64_t nm)
     if (mr->sweep_at && mr->sweep_at < oldest)
         oldest = mr->sweep_at;
     pa_store(&d->m.hdr->dc.mirror_lag_ms, oldest == UINT64_MAX || oldest > nm ? 0 : nm - oldest);
-}
-
-static void notes_take(pd_t *d, uint64_t nm)
-{
-    for (size_t k = 0; k < d->nb_n; k++) {
-        const pd_note_t *n = &d->nb[k];
-        if (n->kind == PRES_NOTE_DEV)
-            mark_dev(d, n->idx, nm);
-        else if (n->kind == PRES_NOTE_USER)
-            mark_user(d, n->idx, nm);
-    }
 }
 
 void pd_mirror_tick(pd_t *d, uint64_t nm)

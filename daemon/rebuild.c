@@ -226,8 +226,12 @@ static int exc_take(rb_t *c, uint32_t kind, const char *id, uint32_t *out)
     e->kind = kind;
     e->next = 0;
     e->keylen = (uint8_t)len;
-    memcpy(e->key, id, len);
-    e->hash = len ? pres__exc_hash(id, len, m->seed) : 0;
+    if (len) {
+        memcpy(e->key, id, len);
+        e->hash = pres__exc_hash(id, len, m->seed);
+    } else {
+        e->hash = 0;             /* the HEAD has no key */
+    }
     c->excs++;
     return 0;
 }
