@@ -234,7 +234,10 @@ static int dev_read(const pres_map_t *m, uint32_t i, uint64_t nm, uint64_t nw, i
     f = fp_add(f, s.c.connected_at);
     f = fp_add(f, s.activity);
     f = fp_add(f, out->connected ? UINT64_MAX : out->last_seen_ms);
-    *fp = fp_end(f);
+    /* Bit 0 says whether it was connected: a device connected before and
+     * after a write changes nothing of its user's. */
+    f = (f & ~UINT64_C(1)) | out->connected;
+    *fp = f ? f : 2;
     *act = s.activity;
     return 0;
 }
@@ -594,9 +597,12 @@ static void stage_dev(struct pd_mirror *mr, uint32_t i, const section_t *s, job_
         pd_log(LOG_WARN, "mirror: device '%s' not staged: %s", key, strerror(-rc));
         return;
     }
+    /* Its user's last seen moves with it, unless it stays connected (a
+     * reconnect, an interaction): the user is connected before and after. */
+    if (!((mr->dfp[i] & 1) && r.connected))
+        extra_user(mr, u, j->seq);
     mr->dfp[i] = fp;
     pa_store(&mr->dact[i], act);
-    extra_user(mr, u, j->seq);
     j->written++;
 }
 
