@@ -137,6 +137,7 @@ struct pd_mirror {
     int       adopting;              /* the adopt's sweep is not handed over */
     uint64_t  dev_passes;            /* passes of the device index done */
     uint64_t  notes_taken;           /* d->note_tail when d->nb was taken */
+    uint64_t  last_tick;             /* mono ms of the last mirror tick */
     uint64_t  last_commit, retry_at, retry_ms;
     int       failing;
     uint64_t  seq, committed_seq, commits, committed;
@@ -360,7 +361,10 @@ static void q_push(struct pd_mirror *mr, uint32_t ent, uint8_t *flag, uint64_t n
     if (*flag & F_QUEUED)
         return;
     /* A stamp per tick that queued anything: the stamps of the entries
-     * after it, in order, since ticks only move forward. */
+     * after it, in order (never earlier than the one before: the head's
+     * stamp is the oldest). */
+    if (mr->st_h < mr->st_n && nm < mr->st[mr->st_n - 1].at)
+        nm = mr->st[mr->st_n - 1].at;
     if (mr->st_h == mr->st_n || mr->st[mr->st_n - 1].at != nm) {
         if (grow((void **)&mr->st, &mr->st_cap, mr->st_n + 1, sizeof *mr->st) < 0) {
             pd_log(LOG_ERR, "mirror: out of memory queueing a change");
@@ -400,14 +404,44 @@ static void mark_user(pd_t *d, uint32_t u, uint64_t nm)
         q_push(mr, u | Q_USER, &mr->uflag[u], nm);
 }
 
+/* Mark what the notes read this tick (d->nb) name, once, before anything
+ * else the tick marks: a pass that asks whether a record may leave memory
+ * must not miss a note of this tick, and a note's change was made after
+ * the previous tick read the notes, which is its stamp (the age of a
+ * change counts from when it may have been made, not from when the
+ * daemon saw it). */
+static void notes_take(pd_t *d, uint64_t nm)
+{
+    struct pd_mirror *mr = d->mirror;
+    if (mr->notes_taken == d->note_tail)
+        return;
+    mr->notes_taken = d->note_tail;
+    uint64_t at = mr->last_tick && mr->last_tick < nm ? mr->last_tick : nm;
+    for (size_t k = 0; k < d->nb_n; k++) {
+        const pd_note_t *n = &d->nb[k];
+        if (n->kind == PRES_NOTE_DEV)
+            mark_dev(d, n->idx, at);
+        else if (n->kind == PRES_NOTE_USER)
+            mark_user(d, n->idx, at);
+    }
+}
+
 void pd_mirror_dev(pd_t *d, uint32_t i)
 {
-    mark_dev(d, i, pres__mono_ms());
+    uint64_t nm = pres__mono_ms();
+    if (!d->mirror)
+        return;
+    notes_take(d, nm);
+    mark_dev(d, i, nm);
 }
 
 void pd_mirror_user(pd_t *d, uint32_t u)
 {
-    mark_user(d, u, pres__mono_ms());
+    uint64_t nm = pres__mono_ms();
+    if (!d->mirror)
+        return;
+    notes_take(d, nm);
+    mark_user(d, u, nm);
 }
 
 /* On one pass of the index in ACTIVE_PASSES: the activity word is a line
@@ -417,25 +451,9 @@ void pd_mirror_active(pd_t *d, uint32_t i, uint64_t nm)
 {
     struct pd_mirror *mr = d->mirror;
     if (mr && mr->dev_passes % ACTIVE_PASSES == 0 && i < mr->dev_cap &&
-        pa_load(&d->m.devs[i].activity) != pa_load(&mr->dact[i]))
+        pa_load(&d->m.devs[i].activity) != pa_load(&mr->dact[i])) {
+        notes_take(d, nm);
         mark_dev(d, i, nm);
-}
-
-/* Mark what the notes read this tick (d->nb) name, once: the passes that
- * ask whether a record may leave memory run before the mirror's tick, and
- * must not miss a note of this tick. */
-static void notes_take(pd_t *d, uint64_t nm)
-{
-    struct pd_mirror *mr = d->mirror;
-    if (mr->notes_taken == d->note_tail)
-        return;
-    mr->notes_taken = d->note_tail;
-    for (size_t k = 0; k < d->nb_n; k++) {
-        const pd_note_t *n = &d->nb[k];
-        if (n->kind == PRES_NOTE_DEV)
-            mark_dev(d, n->idx, nm);
-        else if (n->kind == PRES_NOTE_USER)
-            mark_user(d, n->idx, nm);
     }
 }
 
@@ -862,6 +880,7 @@ void pd_mirror_tick(pd_t *d, uint64_t nm)
     if (writer_idle(d, nm, 0))
         job_send(d, nm, 0);
     lag_publish(d, nm);
+    mr->last_tick = nm;
 }
 
 /* ---- lifecycle --------------------------------------------------------------------- */
