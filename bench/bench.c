@@ -18,7 +18,9 @@
  *   LMDB mirror   mirror_lag_ms sampled through a reconnect storm of 100 k
  *                 connects/s, and the time from a restart of presenced to a
  *                 usable store of 1 M devices: adopting the region, and
- *                 rebuilding it from LMDB once its files are gone.
+ *                 rebuilding it from LMDB once its files are gone.  The
+ *                 mirror lives on a disk, as in production: in
+ *                 $PRES_BENCH_DB (default /var/tmp).
  *
  * It ends with a table of the targets of DESIGN.md, each met or not.  The
  * figures are reported, never asserted: the machines are noisy.  The whole
@@ -101,6 +103,8 @@ static pid_t g_daemon = -1;
 static pid_t g_kids[4];
 static int   g_nkids;
 static char  g_dir[PATH_MAX];          /* the private store's directory */
+static char  g_dbdir[PATH_MAX];        /* its LMDB mirror: on a disk, as in
+                                          production (fsync costs there) */
 static char  g_log[PATH_MAX + 32];     /* presenced's stderr */
 static volatile uint64_t g_sink;       /* keeps measured loops from being
                                           optimised away */
@@ -302,6 +306,10 @@ static void cleanup(void)
         fprintf(stderr, "bench: could not remove %s: %s\n", g_dir,
                 strerror(errno));
     g_dir[0] = 0;
+    if (g_dbdir[0] && rm_tree(g_dbdir) < 0)
+        fprintf(stderr, "bench: could not remove %s: %s\n", g_dbdir,
+                strerror(errno));
+    g_dbdir[0] = 0;
 }
 
 /* Only async-signal-safe calls: kill, waitpid, fork/execve (for rm), _exit. */
@@ -326,7 +334,7 @@ static void on_signal(int sig)
     if (g_dir[0]) {
         pid_t pid = fork();
         if (pid == 0) {
-            char *argv[] = { "rm", "-rf", g_dir, NULL };
+            char *argv[] = { "rm", "-rf", g_dir, g_dbdir[0] ? g_dbdir : g_dir, NULL };
             char *envp[] = { NULL };
             execve("/bin/rm", argv, envp);
             _exit(127);
@@ -372,6 +380,18 @@ static void make_store_dir(void)
     if (setenv("PRESENCE_SHM_DIR", g_dir, 1) < 0)
         die("setenv: %s", strerror(errno));
     snprintf(g_log, sizeof g_log, "%s/presenced.log", g_dir);
+
+    /* The mirror where a deployment keeps it, on a disk: $PRES_BENCH_DB
+     * names the directory to make it in (default /var/tmp). */
+    const char *dbbase = getenv("PRES_BENCH_DB");
+    if (!dbbase || !*dbbase)
+        dbbase = "/var/tmp";
+    snprintf(g_dbdir, sizeof g_dbdir, "%s/presence-bench-db.XXXXXX", dbbase);
+    if (!mkdtemp(g_dbdir)) {
+        int e = errno;
+        g_dbdir[0] = 0;
+        die("mkdtemp in %s: %s", dbbase, strerror(e));
+    }
 }
 
 static void start_daemon(const char *build)
@@ -381,7 +401,7 @@ static void start_daemon(const char *build)
     int fd;
 
     snprintf(exe, sizeof exe, "%s/presenced", build);
-    snprintf(db, sizeof db, "%s/db", g_dir);
+    snprintf(db, sizeof db, "%s/db", g_dbdir);
     snprintf(cap, sizeof cap, "%u", DEV_CAPACITY);
     snprintf(users, sizeof users, "%u", USER_CAPACITY);
     if (access(exe, X_OK) < 0)
@@ -616,8 +636,8 @@ static void wait_counts(pres_t *r, pres_stats_t *st, unsigned deadline_ms)
                N_DEV, N_USER);
 }
 
-/* Bytes of the regular files in g_dir/sub (the daemon's LMDB mirror). */
-static uint64_t dir_bytes(const char *sub)
+/* Bytes of the regular files in dir/sub (the daemon's LMDB mirror). */
+static uint64_t dir_bytes(const char *dir, const char *sub)
 {
     char path[PATH_MAX + 300];
     struct dirent *e;
@@ -625,11 +645,11 @@ static uint64_t dir_bytes(const char *sub)
     uint64_t n = 0;
     DIR *d;
 
-    snprintf(path, sizeof path, "%s/%s", g_dir, sub);
+    snprintf(path, sizeof path, "%s/%s", dir, sub);
     if (!(d = opendir(path)))
         return 0;
     while ((e = readdir(d))) {
-        snprintf(path, sizeof path, "%s/%s/%s", g_dir, sub, e->d_name);
+        snprintf(path, sizeof path, "%s/%s/%s", dir, sub, e->d_name);
         if (stat(path, &st) == 0 && S_ISREG(st.st_mode))
             n += (uint64_t)st.st_size;
     }
@@ -1673,8 +1693,8 @@ static void run_store_benchmarks(pres_t *rd, pres_t *wr, data_t *d,
     t = settle(rd, 120000);
     if (t >= 0)
         printf("  LMDB mirror caught up %.0f ms after the load (mirror_lag_ms"
-               " 0; %s/db holds %" PRIu64 " bytes)\n", t, g_dir,
-               dir_bytes("db"));
+               " 0; %s/db holds %" PRIu64 " bytes)\n", t, g_dbdir,
+               dir_bytes(g_dbdir, "db"));
     wait_counts(rd, &st, 30000);
     R->capacity = st.capacity;
     verify_dataset(rd, d);
@@ -1725,7 +1745,8 @@ int main(int argc, char **argv)
     find_build_dir(argv[0], build, sizeof build);
     print_machine();
     make_store_dir();
-    printf("store: %s (presenced from %s)\n", g_dir, build);
+    printf("store: %s, its LMDB mirror in %s (presenced from %s)\n", g_dir, g_dbdir,
+           build);
     t0 = now_ns();
     start_daemon(build);
     wr = wait_for_store(PRES_RDWR, 60000);
