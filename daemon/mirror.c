@@ -108,8 +108,8 @@ typedef struct {
 
 /* What the main thread hands the writer, and what comes back. */
 typedef struct {
-    uint32_t *ents;
-    size_t    n, cap;
+    uint32_t *ents;                  /* room for MAX_JOB */
+    size_t    n;
     uint64_t  seq;                   /* jobs are numbered from 1 */
     uint64_t  wall;                  /* the commit's alive_ms */
     int       commit;                /* 0: stage only (commits failing) */
@@ -616,6 +616,12 @@ static void stage_dev(struct pd_mirror *mr, uint32_t i, const section_t *s, job_
         pa_store(&mr->dact[i], act);
         return;
     }
+    /* The store keeps activity on the monotonic clock, which starts at
+     * boot: a rebuild after a reboot holds an older last activity as 0.
+     * LMDB keeps the real one. */
+    pres_db_dev_t old;
+    if (PRES_ACT_TIME(act) == 0 && pd_db_get_device(mr->db, key, &old) == 0)
+        r.last_active_ms = old.last_active_ms;
     if ((rc = pd_db_put_device(mr->db, key, &r)) < 0) {
         pd_log(LOG_WARN, "mirror: device '%s' not staged: %s", key, strerror(-rc));
         return;

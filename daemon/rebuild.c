@@ -162,6 +162,8 @@ static void dev_fill(rb_t *c, uint32_t i, const char *id, uint32_t u, uint32_t g
         .gw = g, .flags = (uint32_t)(m->gws[g].died << 1),
         .connected_at = r->connected_at_ms, .ended = seen,
     };
+    /* Monotonic, from boot: an activity before this boot is 0 here (the
+     * mirror keeps LMDB's then). */
     d->activity = r->last_active_ms ? mono_of(c, r->last_active_ms) : 0;
     d->typing = 0;
     d->live = PRES_LIVE_MAKE(mono_of(c, seen), PRES_DS_DISCONNECTED, 0, 0);
@@ -394,9 +396,9 @@ int pd_rebuild(pd_t *d, const pres_layout_params_t *lp)
     }
     pd_log(LOG_INFO, "rebuilt store '%s' from LMDB in %llu ms: %llu devices (all offline, "
                      "%llu were connected), %llu users, %llu exception entries; %llu devices "
-                     "older than --retain-ms left in LMDB", d->cfg.name,
-           (unsigned long long)(pres__mono_ms() - t0), (unsigned long long)c.devs,
+                     "older than --retain-ms left in LMDB (%llu marked offline there)",
+           d->cfg.name, (unsigned long long)(pres__mono_ms() - t0), (unsigned long long)c.devs,
            (unsigned long long)c.nfix, (unsigned long long)c.users, (unsigned long long)c.excs,
-           (unsigned long long)c.old);
+           (unsigned long long)c.old, (unsigned long long)c.fixes);
     return 0;
 }

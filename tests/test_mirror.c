@@ -780,6 +780,86 @@ static void test_cold_rebuild(void **state)
     pres_close(p);
 }
 
+static pres_user_view_t view(pres_t *p, const char *user, const char *viewer, int contact);
+
+/* What LMDB holds of devices offline longer than --retain-ms stays there:
+ * the rebuild leaves them out (they would be evicted at once), and corrects
+ * one LMDB still had connected when its daemon's last commit is that old. */
+static int write_old_devices(void *arg)
+{
+    const char *dir = arg;
+    char err[512];
+    pd_db_t *db = NULL;
+    if (pd_db_open(&db, dir, S.name, 1 << 20, 1 << 20, err, sizeof err) != 0)
+        return 10;
+    uint64_t now = pres_now_ms();
+    pres_db_dev_t d = { "rk_ou1", "rk_gw", now - 42 * DAY_MS, now - 41 * DAY_MS,
+                        now - 41 * DAY_MS, 1 };
+    pres_db_dev_t e = { "rk_ou2", "rk_gw", now - 51 * DAY_MS, now - 50 * DAY_MS,
+                        now - 51 * DAY_MS, 0 };
+    static pres_db_user_t u1, u2;
+    u1.last_seen_ms = now - 41 * DAY_MS;
+    u2.last_seen_ms = now - 50 * DAY_MS;
+    if (pd_db_put_device(db, "rk_old1", &d) || pd_db_put_device(db, "rk_old2", &e) ||
+        pd_db_put_user(db, "rk_ou1", &u1) || pd_db_put_user(db, "rk_ou2", &u2))
+        return 11;
+    /* As if the last daemon had died 40 days ago. */
+    int rc = pd_db_commit(db, now - 40 * DAY_MS);
+    pd_db_close(db);
+    return rc == 0 ? 0 : 12;
+}
+
+struct lmdb_dev_arg { pres_db_ro_t *ro; const char *id; pres_db_dev_t d; };
+
+static int lmdb_dev_offline(void *arg)
+{
+    struct lmdb_dev_arg *a = arg;
+    return pres__db_ro_device(a->ro, a->id, &a->d) == 0 && !a->d.connected;
+}
+
+static void test_rebuild_leaves_old_devices(void **state)
+{
+    (void)state;
+    start(SMALL);
+    pres_t *p = open_h(PRES_RDWR);
+    char dir[PATH_MAX];
+    db_dir(p, dir, sizeof dir);
+    assert_rc(pres_connect(p, "rk_u", "rk_d", "rk_gw", LONG_TTL, NULL), 0);
+    assert_rc(pres_disconnect(p, "rk_d"), 0);
+    pres_close(p);
+    assert_int_equal(th_daemon_stop(&S), 0);
+    remove_region();
+    pid_t w = th_fork(write_old_devices, dir);
+    assert_int_equal(th_wait_child(w, WAIT_MS), 0);
+    uint64_t alive = pres_now_ms() - 40 * DAY_MS;
+    assert_int_equal(th_daemon_start(&S, SMALL), 0);
+
+    p = open_h(PRES_RDONLY);
+    pres_device_info_t d;
+    assert_rc(pres_device(p, "rk_d", &d), 0);
+    assert_rc(pres_device(p, "rk_old1", &d), -ENOENT);
+    assert_rc(pres_device(p, "rk_old2", &d), -ENOENT);
+    /* LMDB learns, with the first commit, that the one it had connected
+     * was last seen at the daemon's last commit... */
+    pres_db_ro_t *ro = NULL;
+    assert_rc(pres__db_ro_open(dir, S.name, &ro), 0);
+    struct lmdb_dev_arg a = { ro, "rk_old1", { "", "", 0, 0, 0, 0 } };
+    assert_true(th_wait_until(lmdb_dev_offline, &a, WAIT_MS));
+    if (a.d.last_seen_ms > alive + 60000 || a.d.last_seen_ms + 60000 < alive)
+        fail_msg("rk_old1 last seen %llu, the last commit was at %llu",
+                 (unsigned long long)a.d.last_seen_ms, (unsigned long long)alive);
+    /* ... and so was its user, answered from LMDB; the other as it was. */
+    pres_user_view_t v = view(p, "rk_ou1", NULL, 0);
+    assert_int_equal(v.seen, PRES_SEEN_EXACT);
+    assert_int_equal(v.last_seen_ms, a.d.last_seen_ms);
+    v = view(p, "rk_ou2", "stranger", 0);
+    assert_int_equal(v.seen, PRES_SEEN_EXACT);
+    assert_true(v.last_seen_ms + 49 * DAY_MS < pres_now_ms());
+    pres__db_ro_close(ro);
+    assert_int_equal(th_check_ok(&S, "after a rebuild that left devices out"), 0);
+    pres_close(p);
+}
+
 /* A rebuild that LMDB overfills is refused, not cut short. */
 static void test_rebuild_refuses_overflow(void **state)
 {
@@ -1128,6 +1208,7 @@ int main(void)
         T(test_mirror_matches_region),
         T(test_crash_during_storm),
         T(test_cold_rebuild),
+        T(test_rebuild_leaves_old_devices),
         T(test_rebuild_refuses_overflow),
         T(test_evicted_users_from_lmdb),
         T(test_reader_without_access),
