@@ -102,7 +102,9 @@ $(BUILD)/tests/%: $(BUILD)/tests/%.o $(TESTLIB_OBJ) $(A)
 
 # test_db drives the daemon's writer of the LMDB mirror directly: it links
 # daemon/db.o, ahead of the library whose record codec that object uses.
-$(BUILD)/tests/test_db: $(BUILD)/tests/test_db.o $(BUILD)/daemon/db.o $(TESTLIB_OBJ) $(A)
+# test_mirror reads the mirror the daemon's way too, once it has stopped.
+$(BUILD)/tests/test_db $(BUILD)/tests/test_mirror: $(BUILD)/tests/%: $(BUILD)/tests/%.o \
+		$(BUILD)/daemon/db.o $(TESTLIB_OBJ) $(A)
 	@$(if $(Q),echo "  LD      $@")
 	$(Q)$(CC) -o $@ $^ $(ALL_LDFLAGS) -lcmocka -llmdb -lpthread
 

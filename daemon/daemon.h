@@ -20,6 +20,8 @@ typedef struct {
     char     config[4096];
     uint64_t capacity, users, exceptions, events, gateways;
     uint64_t idle_after_ms, offline_grace_ms, retain_ms;
+    uint64_t db_map_max;         /* bytes LMDB's map may grow to; 0: the
+                                    free space of its filesystem */
     int      foreground;
     int      log_level;
     int      set[32];            /* which options the command line set */
@@ -66,6 +68,7 @@ typedef struct {
     pd_config_t    cfg;
     pres_map_t     m;
     int            lock_fd;
+    struct pd_mirror *mirror;             /* mirror.c: LMDB */
     pd_client_t    cl[PRES_CLIENTS];
     pd_stack_t     pool[PRES_RK_COUNT];   /* free records, by kind */
     pd_retired_t  *ret;

@@ -3,8 +3,16 @@
  * creating or adopting the store, and the main loop.
  *
  * The daemon runs in the foreground under a supervisor with --foreground;
- * without it, it detaches once the store is published (so a script can use
- * the store as soon as presenced returns).  Signal handlers only set flags.
+ * without it, it detaches, and the command returns once the store is
+ * published (so a script can use the store as soon as presenced returns).
+ * Signal handlers only set flags.
+ *
+ * Start: the lock, then the LMDB mirror (a damaged, foreign or unwritable
+ * directory stops us before the region is touched), then the store:
+ * adopted when its files validate (LMDB is then brought up to date with
+ * it in the background), else rebuilt from LMDB when LMDB holds anything,
+ * else created empty.  SIGTERM/SIGINT: the mirror is flushed, then exit 0
+ * (1 if LMDB refused part of it).
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -17,12 +25,14 @@
 #include <string.h>
 #include <sys/file.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
 #include "atomics.h"
 #include "clock.h"
 #include "daemon.h"
+#include "mirror.h"
 #include "store.h"
 
 int pd_log_level = LOG_INFO;
@@ -77,6 +87,8 @@ static const opt_t opts[] = {
     { "config", OPT_STR, CFG(config), sizeof(((pd_config_t *)0)->config), 0, 0,
       "a file of key = value lines (the long options)" },
     { "log-level", OPT_U64, CFG(log_level), 0, 0, 3, "0 error .. 3 debug (2)" },
+    { "db-map-max", OPT_U64, CFG(db_map_max), 0, 0, UINT64_MAX / 2,
+      "bytes LMDB's map may grow to (0: the free space of its filesystem)" },
 };
 #define NOPTS (sizeof opts / sizeof opts[0])
 
@@ -267,7 +279,11 @@ static int mkdir_p(const char *path)
             return -errno;
         *p = '/';
     }
-    return mkdir(buf, 0770) < 0 && errno != EEXIST ? -errno : 0;
+    if (mkdir(buf, 0770) == 0) {
+        chmod(buf, 0770);        /* what the umask took: the group shares it */
+        return 0;
+    }
+    return errno == EEXIST ? 0 : -errno;
 }
 
 /* One daemon per store: an exclusive flock on presence.NAME.lock, held for
@@ -309,16 +325,29 @@ static void remove_store_files(const char *name)
         unlink(path);
 }
 
-static int open_store(pd_t *d)
+/* The store's files validate: ours.  Clients find the mirror through the
+ * header, so it names this daemon's --db. */
+static void adopted(pd_t *d)
+{
+    pres_hdr_t *h = d->m.hdr;
+    pd_log(LOG_INFO, "adopting store '%s': %u devices, %u users of capacity", d->cfg.name,
+           d->m.dev_cap, d->m.user_cap);
+    if (d->cfg.set[2] && d->cfg.capacity != d->m.dev_cap)
+        pd_log(LOG_WARN, "--capacity %llu ignored: the store was made with %u",
+               (unsigned long long)d->cfg.capacity, d->m.dev_cap);
+    size_t n = strlen(d->cfg.db);          /* checked to fit at start */
+    if (n < sizeof h->db_dir && memcmp(h->db_dir, d->cfg.db, n + 1) != 0)
+        memcpy(h->db_dir, d->cfg.db, n + 1);
+}
+
+/* Adopt (*adopt = 1), rebuild from LMDB, or create.  0 or -1 (logged). */
+static int open_store(pd_t *d, int *adopt)
 {
 again:;
     int rc = pres__region_map(&d->m, d->cfg.name, 1);
     if (rc == 0) {
-        pd_log(LOG_INFO, "adopting store '%s': %u devices, %u users of capacity", d->cfg.name,
-               d->m.dev_cap, d->m.user_cap);
-        if (d->cfg.set[2] && d->cfg.capacity != d->m.dev_cap)
-            pd_log(LOG_WARN, "--capacity %llu ignored: the store was made with %u",
-                   (unsigned long long)d->cfg.capacity, d->m.dev_cap);
+        adopted(d);
+        *adopt = 1;
         return 0;
     }
     if (rc == -EPROTO) {
@@ -327,7 +356,7 @@ again:;
         remove_store_files(d->cfg.name);
     } else if (rc != -ENOENT) {
         pd_log(LOG_ERR, "cannot open store '%s': %s", d->cfg.name, pres_strerror(rc));
-        return rc;
+        return -1;
     }
     uint64_t gw = 1;
     while (gw < d->cfg.gateways)
@@ -342,13 +371,15 @@ again:;
         .offline_grace_ms = (uint32_t)d->cfg.offline_grace_ms,
         .retain_ms = d->cfg.retain_ms,
     };
+    if (pd_db_entries(pd_mirror_db(d)) > 0)
+        return pd_rebuild(d, &lp);
     rc = pres__region_create(&d->m, d->cfg.name, &lp);
     if (rc == -EEXIST)
         goto again;       /* raced a file into place: look again */
     if (rc < 0) {
         pd_log(LOG_ERR, "cannot create store '%s' in %s: %s", d->cfg.name, pres__region_dir(),
                strerror(-rc));
-        return rc;
+        return -1;
     }
     pd_log(LOG_INFO, "created store '%s' in %s: %u devices, %u users, %llu bytes", d->cfg.name,
            pres__region_dir(), d->m.dev_cap, d->m.user_cap, (unsigned long long)d->m.size);
@@ -396,6 +427,51 @@ static void reload(pd_t *d)
     pd_log(LOG_INFO, "SIGHUP: settings reloaded from %s", c.config);
 }
 
+/* Detach first, before anything is opened: LMDB's locks belong to the
+ * process that opened the environment, and the writer thread would not
+ * survive a fork.  The parent waits until the child says the store is
+ * published, then exits 0; if the child dies first, the parent exits with
+ * its status.  Returns the child's end of the pipe, or -1. */
+static int detach(void)
+{
+    int p[2];
+    if (pipe2(p, O_CLOEXEC) < 0)
+        return -1;
+    pid_t pid = fork();
+    if (pid < 0)
+        return -1;
+    if (pid > 0) {
+        char c;
+        ssize_t n;
+        close(p[1]);
+        while ((n = read(p[0], &c, 1)) < 0 && errno == EINTR)
+            ;
+        if (n == 1)
+            _exit(0);
+        int st = 0;
+        while (waitpid(pid, &st, 0) < 0 && errno == EINTR)
+            ;
+        _exit(WIFEXITED(st) ? WEXITSTATUS(st) : 1);
+    }
+    close(p[0]);
+    setsid();
+    return p[1];
+}
+
+/* The store is published: let the parent go. */
+static void detach_done(int fd)
+{
+    int null = open("/dev/null", O_RDWR | O_CLOEXEC);
+    if (null >= 0) {
+        dup2(null, 0);
+        dup2(null, 1);
+        close(null);
+    }
+    if (write(fd, "1", 1) != 1)
+        pd_log(LOG_WARN, "cannot tell the starting process the store is ready");
+    close(fd);
+}
+
 int main(int argc, char **argv)
 {
     static pd_t d;
@@ -411,6 +487,11 @@ int main(int argc, char **argv)
     sigaction(SIGHUP, &sa, NULL);
     signal(SIGPIPE, SIG_IGN);
 
+    int ready_fd = -1;
+    if (!d.cfg.foreground && (ready_fd = detach()) < 0) {
+        fprintf(stderr, "presenced: cannot detach: %s\n", strerror(errno));
+        return 1;
+    }
     if (mkdir_p(d.cfg.db) < 0) {
         fprintf(stderr, "presenced: cannot create --db %s: %s\n", d.cfg.db, strerror(errno));
         return 1;
@@ -427,38 +508,27 @@ int main(int argc, char **argv)
     snprintf(d.cfg.db, sizeof d.cfg.db, "%s", absdb);
     if (take_lock(&d) < 0)
         return 1;
-    if (open_store(&d) < 0)
+    uint64_t t0 = pres__mono_ms();
+    if (pd_mirror_open(&d) < 0)
+        return 1;
+    int adopt = 0;
+    if (open_store(&d, &adopt) < 0)
+        return 1;
+    /* The writer's handle and reader slot before the store is ours (which
+     * pd_adopt announces): whoever waits for us finds us complete. */
+    if (pd_mirror_start(&d, adopt) < 0)
         return 1;
     if (pd_adopt(&d) < 0) {
         pd_log(LOG_ERR, "out of memory adopting the store");
         return 1;
     }
     publish_settings(&d);
-
-    if (!d.cfg.foreground) {
-        /* Detach only now: whoever started us may use the store at once. */
-        pid_t pid = fork();
-        if (pid < 0) {
-            pd_log(LOG_ERR, "fork: %s", strerror(errno));
-            return 1;
-        }
-        if (pid > 0)
-            _exit(0);
-        setsid();
-        int null = open("/dev/null", O_RDWR | O_CLOEXEC);
-        if (null >= 0) {
-            dup2(null, 0);
-            dup2(null, 1);
-            close(null);
-        }
-        pa_store(&d.m.hdr->daemon_pid, (uint64_t)getpid());
-        pa_store(&d.m.clients[PRES_DAEMON_CLIENT].pid, (uint64_t)getpid());
-        pa_store(&d.m.clients[PRES_DAEMON_CLIENT].start, pres__proc_start(getpid()));
-        char buf[32];
-        int n = snprintf(buf, sizeof buf, "%d\n", (int)getpid());
-        if (ftruncate(d.lock_fd, 0) < 0 || pwrite(d.lock_fd, buf, (size_t)n, 0) != n)
-            pd_log(LOG_WARN, "cannot write pid to the lock file");
-    }
+    if (adopt)
+        pd_log(LOG_INFO, "store '%s' adopted in %llu ms; LMDB is brought up to date with it "
+                         "in the background", d.cfg.name,
+               (unsigned long long)(pres__mono_ms() - t0));
+    if (ready_fd >= 0)
+        detach_done(ready_fd);
     pd_log(LOG_INFO, "serving store '%s' (db %s)", d.cfg.name, d.cfg.db);
 
     while (!stop_flag) {
@@ -488,8 +558,9 @@ int main(int argc, char **argv)
             ;
     }
     pd_log(LOG_INFO, "stopping: the store stays usable by its clients");
+    int rc = pd_mirror_stop(&d);
     pd_shutdown(&d);
     pres__region_unmap(&d.m);
     close(d.lock_fd);
-    return 0;
+    return rc < 0 ? 1 : 0;
 }

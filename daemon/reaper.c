@@ -33,6 +33,7 @@
 #include "atomics.h"
 #include "clock.h"
 #include "daemon.h"
+#include "mirror.h"
 #include "store.h"
 
 #define LIVE_LATCH_MASK   (~(uint64_t)0 << 50)
@@ -540,12 +541,16 @@ static unsigned dev_examine(pd_t *d, uint32_t i, uint64_t nm, uint64_t nw)
         uint64_t seen = st == PRES_DS_DISCONNECTED
                             ? pa_load(&r->conn[k].ended)
                             : pres__wall_of(m, exp > pa_load(&r->ttl[k]) ? exp - pa_load(&r->ttl[k]) : 0);
-        if (evict && pa_cas(&r->live, &L, (L & ~LIVE_STATE_MASK) | ((uint64_t)PRES_DS_DEAD << 40))) {
+        /* Only once LMDB holds its final state: it is answered from there
+         * from now on. */
+        if (evict && pd_mirror_may_evict(d, i, nm) &&
+            pa_cas(&r->live, &L, (L & ~LIVE_STATE_MASK) | ((uint64_t)PRES_DS_DEAD << 40))) {
             uint32_t u = pa_load(&r->user);
             if (u < m->user_cap) {
                 uint64_t cur = pa_load(&m->users[u].last_seen);
                 while (cur < seen && !pa_cas(&m->users[u].last_seen, &cur, seen))
                     ;
+                pd_mirror_user(d, u);
             }
             pa_add_relaxed(&m->hdr->dc.evictions, 1);
             pa_add_relaxed(&m->hdr->dc.devices_gone, 1);
@@ -555,6 +560,10 @@ static unsigned dev_examine(pd_t *d, uint32_t i, uint64_t nm, uint64_t nw)
     }
     /* Connected devices and expirations are counted by the timers. */
     d->pass_devices++;
+    /* An interaction on a device that was already active writes no note:
+     * the mirror learns its last activity here, a pass at a time. */
+    if (st == PRES_DS_CONNECTED && exp > nm)
+        pd_mirror_active(d, i, nm);
     return st;
 }
 
@@ -689,6 +698,9 @@ static int user_remove(pd_t *d, uint32_t u, void *ctx)
         d->user_empty[u] = 1;
         return 0;
     }
+    /* LMDB holds its last seen before it is answered only from there. */
+    if (!pd_mirror_may_retire(d, u))
+        return 0;
     if (!user_retire(r, u))
         return 0;
     pa_add_relaxed(&m->hdr->dc.users_gone, 1);
@@ -1139,6 +1151,7 @@ void pd_tick(pd_t *d)
     claims_check(d);
     for (int k = 0; k < PRES_RK_COUNT; k++)
         ring_service(d, k);
+    pd_mirror_tick(d, nm);
     d->last_tick_mono = nm;
 }
 

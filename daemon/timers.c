@@ -43,6 +43,7 @@
 #include "atomics.h"
 #include "clock.h"
 #include "daemon.h"
+#include "mirror.h"
 #include "store.h"
 
 #define TW_RES_MS     4u
@@ -245,6 +246,7 @@ static int dev_expire(pd_t *d, uint32_t i, uint64_t nm, uint64_t nw)
     pa_add_relaxed(&m->hdr->dc.expirations, 1);
     pres__ev_dev(m, &c, PRES_EV_EXPIRE, i, gw, nw);
     pres__ev_typing_end(m, PRES_DAEMON_LATCH, i, gw, nw);
+    pd_mirror_dev(d, i);             /* its last seen is final */
     /* The same connection into the idle copy, published with seq + 1. */
     pa_store(&r->conn[k ^ 1].gw, gw);
     pa_store(&r->conn[k ^ 1].flags, pa_load(&r->conn[k].flags));

@@ -40,6 +40,7 @@ PRES_API void pres_close(pres_t *p)
     if (!p)
         return;
     pres__gp_client_release(p);
+    pres__user_db_close(p);
     pres__region_unmap(&p->m);
     pthread_mutex_destroy(&p->lock);
     free(p->rslots);

@@ -32,6 +32,8 @@ struct pres {
     uint32_t     gws[16];       /* gateways attached through this handle */
     size_t       n_gws;
     char         name[64];
+    struct pres_db_ro *db;      /* the LMDB mirror, read-only: opened on
+                                   first need (user_db.c) */
 };
 
 /* ---- grace periods (gp.c) ------------------------------------------------ */
@@ -192,6 +194,19 @@ typedef struct {
 PRES_HIDDEN int pres__user_agg(const pres_map_t *m, uint32_t u, uint64_t nm, uint64_t nw,
                                pres_agg_t *out);
 
+/* ---- users no longer in shared memory (user_db.c) ------------------------- */
+
+/* pres_user for a user not in shared memory (evicted with its devices after
+ * --retain-ms): answered from the LMDB mirror, which the library only reads
+ * (DESIGN.md).  len is strlen(user_id); viewer as pres_user takes it.
+ * Returns 0, -ENOENT (no such user, or no mirror this process may open),
+ * -EPROTO (a record that does not decode), -EINVAL / -ENAMETOOLONG (a bad
+ * viewer id), -ENOMEM.  Any thread; costs a B-tree lookup or two. */
+PRES_HIDDEN int  pres__user_from_db(pres_t *p, const char *user_id, size_t len,
+                                    const pres_viewer_t *viewer, pres_user_view_t *out);
+/* Drop the handle's mirror (pres_close). */
+PRES_HIDDEN void pres__user_db_close(pres_t *p);
+
 /* ---- hashing and indexes (index.c) --------------------------------------- */
 
 static inline uint64_t pres__hash_mix(uint64_t x)
@@ -235,12 +250,6 @@ PRES_HIDDEN int pres__idx_user_get(pres_t *p, const char *key, size_t len, uint3
 PRES_HIDDEN void pres__idx_dev_link_hash(pres_map_t *m, uint32_t i, uint64_t h);
 PRES_HIDDEN int pres__idx_gw_find(const pres_map_t *m, const char *key, size_t len);
 PRES_HIDDEN int pres__idx_gw_get(pres_t *p, const char *key, size_t len);
-
-/* ---- the user view (user.c) ------------------------------------------------ */
-
-/* The fallback of pres_user for a user no longer in shared memory. */
-PRES_HIDDEN int pres__user_from_db(pres_t *p, const char *user_id, size_t len,
-                                   const pres_viewer_t *viewer, pres_user_view_t *out);
 
 /* ---- records (device.c) -------------------------------------------------- */
 

@@ -141,20 +141,6 @@ int pres__user_agg(const pres_map_t *m, uint32_t u, uint64_t nm, uint64_t nw, pr
 
 /* ---- pres_user --------------------------------------------------------------- */
 
-/* The fallback for a user that is not in shared memory (never seen, or
- * evicted with their devices after --retain-ms).  The LMDB mirror answers
- * evicted users once it exists; until then nobody knows them. */
-int pres__user_from_db(pres_t *p, const char *user_id, size_t len,
-                       const pres_viewer_t *viewer, pres_user_view_t *out)
-{
-    (void)p;
-    (void)user_id;
-    (void)len;
-    (void)viewer;
-    (void)out;
-    return -ENOENT;
-}
-
 typedef struct {
     const char *id;          /* NULL: the system's view */
     size_t      len;
