@@ -350,11 +350,14 @@ int pres__ev_typ_stop(pres_map_t *m, unsigned latch, uint32_t t, uint64_t w, uin
         return won;
     /* Claimed before the CAS, so that a writer killed in between leaves a
      * LOST event rather than a typing stop nobody announced.  Lost the CAS
-     * (someone refreshed, stopped or moved it at the same moment): say
-     * what the record says now; at worst a typing event is repeated. */
+     * (someone refreshed, stopped or moved it at the same moment, and
+     * announces what it did): the seq is given up as LOST, rather than
+     * repeat or contradict that announcement. */
+    if (!won) {
+        pres__ev_abandon(m, &c);
+        return 0;
+    }
     int kind = PRES_EV_TYPING_STOP;
-    if (!won && PRES_TW_STATE(w) == PRES_TS_LIVE && PRES_TW_EXPIRY(w) > pres__mono_ms())
-        kind = PRES_EV_TYPING;
     uint32_t u = pa_load(&r->user), i = pa_load(&r->dev);
     pres_ev_t e = { .kind = kind, .at_ms = at_ms };
     key_of(&r->keylen, r->key, &e.conv, &e.clen);

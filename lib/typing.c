@@ -75,31 +75,43 @@ int pres__typ_current(const pres_map_t *m, uint32_t i, const pres_snap_t *s)
     return current_of(m, i, s, pa_load_acquire(&m->devs[i].typing));
 }
 
-/* ---- events ------------------------------------------------------------- */
+/* ---- events -------------------------------------------------------------
+ * As for a device's changes, the seq is claimed before the change it
+ * announces: a writer killed in between leaves a LOST event (watchers
+ * resync), never a change nobody announced. */
 
-static void emit(typing_t *x, int kind, const char *conv, size_t clen)
+/* Start (as a TYPING event) the one for record n going LIVE. */
+static void typing_event(typing_t *x, pres_evc_t *c)
 {
     pres_map_t *m = &x->p->m;
     const pres_dev_t *d = &m->devs[x->dev];
     uint32_t u = pa_load(&d->user), g = x->s.c.gw;
-    const pres_user_t *ur = u < m->user_cap ? &m->users[u] : NULL;
-    const pres_gw_t *gw = g < m->gw_cap ? &m->gws[g] : NULL;
-    pres__ev_emit(m, x->t->index + 1, kind, 0,
-                  ur ? ur->key : NULL, ur && ur->keylen <= PRES_ID_MAX ? ur->keylen : 0,
-                  d->key, d->keylen <= PRES_ID_MAX ? d->keylen : 0,
-                  gw ? gw->key : NULL, gw && gw->keylen <= PRES_ID_MAX ? gw->keylen : 0,
-                  conv, clen, x->nw);
+    pres_ev_t e = { .kind = PRES_EV_TYPING, .at_ms = x->nw,
+                    .dev = d->key, .dlen = d->keylen <= PRES_ID_MAX ? d->keylen : 0,
+                    .conv = x->conv, .clen = x->clen };
+    if (u < m->user_cap && m->users[u].keylen <= PRES_ID_MAX) {
+        e.user = m->users[u].key;
+        e.ulen = m->users[u].keylen;
+    }
+    if (g < m->gw_cap && m->gws[g].keylen <= PRES_ID_MAX) {
+        e.gw = m->gws[g].key;
+        e.glen = m->gws[g].keylen;
+    }
+    pres__ev_publish(m, c, &e);
 }
 
-/* A record is ended by a CAS from LIVE; whoever's CAS wins says so.  Was
- * it still typing (LIVE and within its TTL) when ended? */
-static int typ_end(pres_typ_t *r, uint64_t nm)
+/* End record r (LIVE to ENDED by CAS) and announce it: the claim first,
+ * then the CAS (lib/events.c, pres__ev_typ_stop).  1 if our CAS ended it. */
+static int typ_end(typing_t *x, uint32_t r)
 {
-    uint64_t w = pa_load_acquire(&r->word);
-    while (PRES_TW_STATE(w) == PRES_TS_LIVE)
-        if (pa_cas(&r->word, &w, PRES_TW_MAKE(PRES_TW_EXPIRY(w), PRES_TS_ENDED)))
-            return PRES_TW_EXPIRY(w) > nm;
-    return 0;
+    pres_map_t *m = &x->p->m;
+    uint64_t w = pa_load_acquire(&m->typs[r].word);
+    if (PRES_TW_STATE(w) != PRES_TS_LIVE)
+        return 0;
+    int won = pres__ev_typ_stop(m, x->t->index + 1, r, w, x->s.c.gw, x->nw);
+    if (won)
+        pres__note(m, PRES_NOTE_TYP, r);
+    return won;
 }
 
 static void typ_kill(pres_typ_t *r)
@@ -167,30 +179,27 @@ static int typ_start(typing_t *x, uint64_t link_was, int cur, uint32_t ttl)
         typ_kill(r);                 /* the daemon unlinks it */
         return -EAGAIN;
     }
+    /* The replaced record ends first (its TYPING_STOP before our TYPING);
+     * a writer killed here leaves it to the daemon, which ends a LIVE
+     * record its device's link no longer names. */
+    if (cur >= 0)
+        typ_end(x, (uint32_t)cur);
+    pres_evc_t c;
+    pres__ev_claim(m, x->t->index + 1, &c);
     uint64_t w = PRES_TW_MAKE(0, PRES_TS_PENDING);
-    if (!pa_cas(&r->word, &w, PRES_TW_MAKE(x->nm + ttl, PRES_TS_LIVE)))
+    if (!pa_cas(&r->word, &w, PRES_TW_MAKE(x->nm + ttl, PRES_TS_LIVE))) {
+        pres__ev_abandon(m, &c);
         return -EAGAIN;
-    pres__note(m, PRES_NOTE_TYP, n);
-    if (cur >= 0) {
-        pres_typ_t *o = &m->typs[cur];
-        if (typ_end(o, x->nm)) {
-            emit(x, PRES_EV_TYPING_STOP, o->key, o->keylen <= PRES_ID_MAX ? o->keylen : 0);
-            pres__note(m, PRES_NOTE_TYP, (uint32_t)cur);
-        }
     }
-    emit(x, PRES_EV_TYPING, x->conv, x->clen);
+    typing_event(x, &c);
+    pres__note(m, PRES_NOTE_TYP, n);
     return 0;
 }
 
 static int typ_stop(typing_t *x, int cur)
 {
-    if (cur < 0)
-        return 0;
-    pres_typ_t *r = &x->p->m.typs[cur];
-    if (typ_end(r, x->nm)) {
-        emit(x, PRES_EV_TYPING_STOP, x->conv, x->clen);
-        pres__note(&x->p->m, PRES_NOTE_TYP, (uint32_t)cur);
-    }
+    if (cur >= 0)
+        typ_end(x, (uint32_t)cur);
     return 0;
 }
 
