@@ -504,9 +504,10 @@ uint64_t pd_db_entries(pd_db_t *db)
 {
     MDB_txn *txn;
     MDB_stat su, sd;
+    /* UINT64_MAX when LMDB cannot say: never taken for "empty". */
     if (mdb_txn_begin(db->env, NULL, MDB_RDONLY, &txn) != 0)
-        return 0;
-    uint64_t n = 0;
+        return UINT64_MAX;
+    uint64_t n = UINT64_MAX;
     if (mdb_stat(txn, db->users, &su) == 0 && mdb_stat(txn, db->devices, &sd) == 0)
         n = (uint64_t)su.ms_entries + sd.ms_entries;
     mdb_txn_abort(txn);

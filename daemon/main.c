@@ -371,7 +371,14 @@ again:;
         .offline_grace_ms = (uint32_t)d->cfg.offline_grace_ms,
         .retain_ms = d->cfg.retain_ms,
     };
-    if (pd_db_entries(pd_mirror_db(d)) > 0)
+    uint64_t held = pd_db_entries(pd_mirror_db(d));
+    if (held == UINT64_MAX) {
+        /* Never start empty over a mirror we could not read. */
+        pd_log(LOG_ERR, "cannot read the LMDB mirror in %s to rebuild store '%s'",
+               d->cfg.db, d->cfg.name);
+        return -EIO;
+    }
+    if (held > 0)
         return pd_rebuild(d, &lp);
     rc = pres__region_create(&d->m, d->cfg.name, &lp);
     if (rc == -EEXIST)

@@ -153,6 +153,7 @@ struct pd_mirror {
     /* the writer (and a rebuild, before it starts) */
     uint64_t *dfp, *ufp;             /* fingerprints of what was last written */
     pres_t   *rp;                    /* its own read-only handle on the store */
+    pres_user_t *users;              /* the daemon's read-write map of them */
     pres_db_user_t *wu, *wold;
     uint32_t *extra;                 /* users of devices read in the job */
     size_t    n_extra, cap_extra;
@@ -658,8 +659,13 @@ static void stage_user(struct pd_mirror *mr, uint32_t u, const section_t *s, job
      * the region's is the truth, even when earlier than LMDB's: a device
      * whose TTL passed was last seen at its last sign of life, before the
      * writes made while it still counted as connected. */
-    if (mr->wu->last_seen_ms == 0 && pd_db_get_user(mr->db, key, mr->wold) == 0)
+    if (mr->wu->last_seen_ms == 0 && pd_db_get_user(mr->db, key, mr->wold) == 0) {
         mr->wu->last_seen_ms = mr->wold->last_seen_ms;
+        /* And the region learns it again (a max, as an eviction raises it),
+         * so pres_user stops answering "never" for this user. */
+        uint64_t cur = 0;
+        pa_cas(&mr->users[u].last_seen, &cur, mr->wold->last_seen_ms);
+    }
     if ((rc = pd_db_put_user(mr->db, key, mr->wu)) < 0) {
         pd_log(LOG_WARN, "mirror: user '%s' not staged: %s", key, strerror(-rc));
         return;
@@ -981,6 +987,7 @@ int pd_mirror_start(pd_t *d, int resync)
     }
     /* The writer reads the store as a reader does, through a handle of its
      * own: its read sections hold back the daemon's reclamation. */
+    mr->users = d->m.users;
     int rc = pres_open(&mr->rp, d->cfg.name, PRES_RDONLY);
     if (rc < 0) {
         pd_log(LOG_ERR, "the LMDB writer cannot open the store: %s", pres_strerror(rc));

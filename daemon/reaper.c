@@ -468,7 +468,7 @@ static void client_gone(pd_t *d, const pd_gone_t *g, size_t n, int dead)
     pd_typing_deaths(d);
     /* A writer killed between a change and its note leaves the timers
      * unaware of it: they look at every record again. */
-    d->resync |= PD_RESYNC_TIMERS;
+    d->resync |= PD_RESYNC_ALL;
 }
 
 /* Reader slots whose client slot was freed or reused without them being
@@ -543,15 +543,19 @@ static unsigned dev_examine(pd_t *d, uint32_t i, uint64_t nm, uint64_t nw)
                             : pres__wall_of(m, exp > pa_load(&r->ttl[k]) ? exp - pa_load(&r->ttl[k]) : 0);
         /* Only once LMDB holds its final state: it is answered from there
          * from now on. */
+        /* The user's last seen is raised first (a max, harmless if the
+         * eviction then fails): a daemon killed between the two never
+         * leaves the user without this device's last seen. */
+        uint32_t u = pa_load(&r->user);
+        if (evict && u < m->user_cap && pd_mirror_may_evict(d, i, nm)) {
+            uint64_t cur = pa_load(&m->users[u].last_seen);
+            while (cur < seen && !pa_cas(&m->users[u].last_seen, &cur, seen))
+                ;
+        }
         if (evict && pd_mirror_may_evict(d, i, nm) &&
             pa_cas(&r->live, &L, (L & ~LIVE_STATE_MASK) | ((uint64_t)PRES_DS_DEAD << 40))) {
-            uint32_t u = pa_load(&r->user);
-            if (u < m->user_cap) {
-                uint64_t cur = pa_load(&m->users[u].last_seen);
-                while (cur < seen && !pa_cas(&m->users[u].last_seen, &cur, seen))
-                    ;
+            if (u < m->user_cap)
                 pd_mirror_user(d, u);
-            }
             pa_add_relaxed(&m->hdr->dc.evictions, 1);
             pa_add_relaxed(&m->hdr->dc.devices_gone, 1);
             pd_timers_dev_gone(d, i);

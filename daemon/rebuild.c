@@ -160,7 +160,7 @@ static void dev_fill(rb_t *c, uint32_t i, const char *id, uint32_t u, uint32_t g
     d->cid[0] = (uint32_t)((d->gen * UINT32_C(2654435761)) >> 8) & 0xffffffu;
     d->ttl[0] = 1;
     d->conn[0] = (pres_conn_t){
-        .gw = g, .flags = (uint32_t)(m->gws[g].died << 1),
+        .gw = g, .flags = (uint32_t)(m->gws[g].died << 2),
         .connected_at = r->connected_at_ms, .ended = seen,
     };
     /* Monotonic, from boot: an activity before this boot is 0 here (the

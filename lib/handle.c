@@ -123,6 +123,13 @@ PRES_API int pres_stats(pres_t *p, pres_stats_t *out)
     out->evictions = pa_load(&dc->evictions);
     out->grace_periods = pa_load(&dc->grace_periods);
     out->mirror_lag_ms = pa_load(&dc->mirror_lag_ms);
+    /* With no daemon beating (stopped, or not started again yet), changes
+     * clients note wait for it: the lag grows from its last beat. */
+    uint64_t beat = pa_load(&m->hdr->daemon_beat_mono), nm = pres__mono_ms();
+    if (beat && nm > beat + 1000 &&
+        pa_load(&m->hdr->note_head) != pa_load(&m->hdr->note_tail) &&
+        nm - beat > out->mirror_lag_ms)
+        out->mirror_lag_ms = nm - beat;
     return 0;
 }
 
