@@ -123,6 +123,11 @@ snapshot() {
         done
         echo "\$ presencectl device $DEVICE"
         ctl device "$DEVICE" 2>&1
+        u=${USERS%% *}
+        echo "\$ presencectl user $u --viewer u_1   (what another user sees)"
+        ctl user "$u" --viewer u_1 2>&1
+        echo "\$ presencectl watch   (the change feed, a few events as they come)"
+        timeout 1 "$BUILD/presencectl" --name "$NAME" watch 2>&1 | head -n 4
         echo "----------------------------------------------------"
     )
     printf '%s\n' "$out"
