@@ -90,6 +90,14 @@ pid_t th_fork(int (*fn)(void *arg), void *arg);
  * if it has not exited within timeout_ms (it is then SIGKILLed). */
 int  th_wait_child(pid_t pid, int timeout_ms);
 
+/* In a cmocka test: expr must return want; the failure names both codes. */
+#define assert_rc(expr, want) do {                                           \
+        int r_ = (expr);                                                     \
+        if (r_ != (want))                                                    \
+            fail_msg("%s returned %d (%s), expected %d (%s)", #expr, r_,     \
+                     pres_strerror(r_), (int)(want), pres_strerror(want));   \
+    } while (0)
+
 /* Scale for iteration counts: 1 normally, smaller under sanitizers
  * ($PRES_TEST_SANITIZED set), so the whole suite stays quick. */
 int  th_scale(int normal, int sanitized);

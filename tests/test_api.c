@@ -54,13 +54,6 @@ static pres_t *ro;   /* PRES_RDONLY on S */
                      (long long)(tol));                                      \
     } while (0)
 
-#define assert_rc(expr, want) do {                                           \
-        int r_ = (expr);                                                     \
-        if (r_ != (want))                                                    \
-            fail_msg("%s returned %d (%s), expected %d (%s)", #expr, r_,     \
-                     pres_strerror(r_), (int)(want), pres_strerror(want));   \
-    } while (0)
-
 static pres_device_info_t dev(pres_t *p, const char *id)
 {
     pres_device_info_t d;

@@ -46,13 +46,6 @@ static pid_t kids[8];
 static int nkids;
 static char cfg_path[320];
 
-#define assert_rc(expr, want) do {                                           \
-        int r_ = (expr);                                                     \
-        if (r_ != (want))                                                    \
-            fail_msg("%s returned %d (%s), expected %d (%s)", #expr, r_,     \
-                     pres_strerror(r_), (int)(want), pres_strerror(want));   \
-    } while (0)
-
 #define assert_near(a, b, tol) do {                                          \
         int64_t a_ = (int64_t)(a), b_ = (int64_t)(b);                        \
         int64_t d_ = a_ > b_ ? a_ - b_ : b_ - a_;                            \

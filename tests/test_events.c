@@ -39,13 +39,6 @@ static th_store_t S;
 static pid_t kids[8];
 static int nkids;
 
-#define assert_rc(expr, want) do {                                           \
-        int r_ = (expr);                                                     \
-        if (r_ != (want))                                                    \
-            fail_msg("%s returned %d (%s), expected %d (%s)", #expr, r_,     \
-                     pres_strerror(r_), (int)(want), pres_strerror(want));   \
-    } while (0)
-
 /* ------------------------------------------------------------------------ */
 /* Helpers                                                                   */
 
