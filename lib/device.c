@@ -355,6 +355,9 @@ static int reconnect(pres_t *p, pres_rs_t *t, uint32_t i, uint32_t gwi, uint32_t
     if (PRES_LIVE_STATE(L) == PRES_DS_CONNECTED && !end_announced(d, L) &&
         PRES_LIVE_EXPIRY(L) <= pres__mono_ms())
         announce_expiry(&p->m, t, i, L, nw);
+    /* Typing ends with the connection it was typed on: announced now,
+     * before the new connection's CONNECT. */
+    pres__ev_typing_end(&p->m, t->index + 1, i, pa_load(&d->conn[k].gw), nw);
     if (!ev->slot)
         pres__ev_claim(&p->m, t->index + 1, ev);
     pres_conn_t c = { .gw = gwi, .flags = conn_flags(&p->m, gwi), .connected_at = nw, .ended = 0 };

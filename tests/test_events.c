@@ -565,6 +565,15 @@ static void test_typing_stop(void **state)
     expect_typing(p, &cur, PRES_EV_TYPING_STOP, "conv-move");
     expect_quiet(p, &cur, QUIET_MS);
 
+    /* A reconnect starts a connection without typing: the stop comes
+     * before its CONNECT. */
+    assert_rc(pres_typing(p, "dt", "conv-recon", 60000), 0);
+    expect_typing(p, &cur, PRES_EV_TYPING, "conv-recon");
+    assert_rc(pres_connect(p, "ut", "dt", "gt", LONG_TTL, NULL), 0);
+    expect_typing(p, &cur, PRES_EV_TYPING_STOP, "conv-recon");
+    expect(p, &cur, PRES_EV_CONNECT, "ut", "dt", "gt");
+    expect_quiet(p, &cur, QUIET_MS);
+
     /* Its device disconnects: the disconnect stops it, before its DISCONNECT. */
     assert_rc(pres_typing(p, "dt", "conv-disc", 60000), 0);
     expect_typing(p, &cur, PRES_EV_TYPING, "conv-disc");
