@@ -501,3 +501,14 @@ int th_check_ok(th_store_t *s, const char *when)
         th_store_dump_log(s);
     return a.rc;
 }
+
+void th_kill_children(pid_t *kids, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        if (kids[i] > 0) {
+            kill(kids[i], SIGKILL);
+            th_wait_child(kids[i], 5000);
+            kids[i] = 0;
+        }
+    }
+}

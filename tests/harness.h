@@ -89,6 +89,8 @@ pid_t th_fork(int (*fn)(void *arg), void *arg);
 /* Wait for a child; returns its exit status, 128+signal if killed, or -1
  * if it has not exited within timeout_ms (it is then SIGKILLed). */
 int  th_wait_child(pid_t pid, int timeout_ms);
+/* SIGKILL and reap each child kids[0..n) that is > 0, and zero it. */
+void th_kill_children(pid_t *kids, size_t n);
 
 /* In a cmocka test: expr must return want; the failure names both codes. */
 #define assert_rc(expr, want) do {                                           \

@@ -45,11 +45,7 @@ static int nkids;
 static int teardown(void **state)
 {
     (void)state;
-    for (int i = 0; i < nkids; i++)
-        if (kids[i] > 0) {
-            kill(kids[i], SIGKILL);
-            th_wait_child(kids[i], 5000);
-        }
+    th_kill_children(kids, (size_t)nkids);
     nkids = 0;
     if (S.dir[0])
         th_store_destroy(&S);

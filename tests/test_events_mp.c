@@ -220,12 +220,7 @@ static void test_writers_and_watchers(void **state)
 static int teardown(void **state)
 {
     (void)state;
-    for (int k = 0; k < NW + NR; k++)
-        if (kids[k] > 0) {
-            kill(kids[k], SIGKILL);
-            th_wait_child(kids[k], 5000);
-            kids[k] = 0;
-        }
+    th_kill_children(kids, sizeof kids / sizeof kids[0]);
     th_store_destroy(&S);
     if (M) {
         munmap(M, sizeof *M);

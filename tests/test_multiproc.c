@@ -106,12 +106,7 @@ static pid_t spawn_kid(int (*fn)(void *), void *arg)
 static int teardown(void **state)
 {
     (void)state;
-    for (int i = 0; i < g_nkids; i++) {
-        if (g_kids[i] > 0) {
-            kill(g_kids[i], SIGKILL);
-            waitpid(g_kids[i], NULL, 0);
-        }
-    }
+    th_kill_children(g_kids, (size_t)g_nkids);
     g_nkids = 0;
     th_store_destroy(&g_store);
     if (S) {

@@ -131,12 +131,7 @@ static int setup(void **state)
 static int teardown(void **state)
 {
     (void)state;
-    for (size_t i = 0; i < sizeof g_kids / sizeof g_kids[0]; i++)
-        if (g_kids[i] > 0) {
-            kill(g_kids[i], SIGKILL);
-            waitpid(g_kids[i], NULL, 0);
-            g_kids[i] = 0;
-        }
+    th_kill_children(g_kids, sizeof g_kids / sizeof g_kids[0]);
     th_store_destroy(&g_store);
     munmap(M, sizeof *M);
     M = NULL;
