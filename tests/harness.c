@@ -14,6 +14,7 @@
 #include <ftw.h>
 #include <poll.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -511,4 +512,14 @@ void th_kill_children(pid_t *kids, size_t n)
             kids[i] = 0;
         }
     }
+}
+
+void th_note_first(_Atomic int *set, char *msg, size_t cap, const char *fmt, ...)
+{
+    if (atomic_exchange(set, 1) != 0)
+        return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, cap, fmt, ap);
+    va_end(ap);
 }

@@ -91,6 +91,10 @@ pid_t th_fork(int (*fn)(void *arg), void *arg);
 int  th_wait_child(pid_t pid, int timeout_ms);
 /* SIGKILL and reap each child kids[0..n) that is > 0, and zero it. */
 void th_kill_children(pid_t *kids, size_t n);
+/* Write the message into msg (cap bytes) only if *set was 0 (it becomes 1):
+ * of many processes or threads finding problems, the first one tells. */
+void th_note_first(_Atomic int *set, char *msg, size_t cap, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
 
 /* In a cmocka test: expr must return want; the failure names both codes. */
 #define assert_rc(expr, want) do {                                           \

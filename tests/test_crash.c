@@ -13,7 +13,6 @@
  * Children never call cmocka: they record what they saw in a shared
  * anonymous page created before the fork; the parent asserts.
  */
-#include <stdarg.h>
 #include <stddef.h>
 #include <setjmp.h>
 #include <stdint.h>
@@ -80,16 +79,8 @@ static uint64_t mix(uint64_t a, uint64_t b)
     return s ? s : 1;
 }
 
-__attribute__((format(printf, 3, 4)))
-static void note(_Atomic int *set, char *msg, const char *fmt, ...)
-{
-    if (atomic_exchange(set, 1) != 0)
-        return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(msg, MSG_LEN, fmt, ap);
-    va_end(ap);
-}
+/* The first problem found is the one told: later ones only count. */
+#define note(set, msg, ...) th_note_first((set), (msg), MSG_LEN, __VA_ARGS__)
 
 #define W_ERR(...) do { \
         atomic_fetch_add(&C->w_errors, 1); \

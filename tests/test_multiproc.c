@@ -12,7 +12,6 @@
  * with the gateway of another, or an expiry that does not fit the user's
  * TTL, has read a mix of two states (property 2).
  */
-#include <stdarg.h>
 #include <stddef.h>
 #include <setjmp.h>
 #include <stdint.h>
@@ -66,16 +65,8 @@ static pid_t        g_kids[MP_MAXW + MP_MAXR];
 static int          g_nkids;
 
 /* Record the first problem of a child in its message buffer, count all. */
-__attribute__((format(printf, 3, 4)))
-static void note(_Atomic int *set, char *msg, const char *fmt, ...)
-{
-    if (atomic_exchange(set, 1) != 0)
-        return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(msg, MSG_LEN, fmt, ap);
-    va_end(ap);
-}
+/* The first problem found is the one told: later ones only count. */
+#define note(set, msg, ...) th_note_first((set), (msg), MSG_LEN, __VA_ARGS__)
 
 #define W_ERR(k, ...) do { \
         atomic_fetch_add(&S->w[k].errors, 1); \

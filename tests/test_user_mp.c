@@ -11,7 +11,6 @@
  * is on it), and readers ask as two viewers for whom each policy gives a
  * known answer while every mix of the two gives another one.
  */
-#include <stdarg.h>
 #include <stddef.h>
 #include <setjmp.h>
 #include <stdint.h>
@@ -54,16 +53,8 @@ static uint64_t    g_seed;
 
 #define check_ok(when) assert_int_equal(th_check_ok(&g_store, (when)), 0)
 
-__attribute__((format(printf, 3, 4)))
-static void note(_Atomic int *set, char *msg, const char *fmt, ...)
-{
-    if (atomic_exchange(set, 1) != 0)
-        return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(msg, MSG_LEN, fmt, ap);
-    va_end(ap);
-}
+/* The first problem found is the one told: later ones only count. */
+#define note(set, msg, ...) th_note_first((set), (msg), MSG_LEN, __VA_ARGS__)
 
 #define W_ERR(...) do { \
         atomic_fetch_add(&M->w_errors, 1); \
