@@ -13,6 +13,7 @@
  * Children never call cmocka: they record what they saw in a shared
  * anonymous page created before the fork; the parent asserts.
  */
+#include <stdarg.h>
 #include <stddef.h>
 #include <setjmp.h>
 #include <stdint.h>

@@ -12,6 +12,7 @@
  * with the gateway of another, or an expiry that does not fit the user's
  * TTL, has read a mix of two states (property 2).
  */
+#include <stdarg.h>
 #include <stddef.h>
 #include <setjmp.h>
 #include <stdint.h>

@@ -11,6 +11,7 @@
  * is on it), and readers ask as two viewers for whom each policy gives a
  * known answer while every mix of the two gives another one.
  */
+#include <stdarg.h>
 #include <stddef.h>
 #include <setjmp.h>
 #include <stdint.h>
