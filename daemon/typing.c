@@ -73,12 +73,9 @@ static int device_gone(const pres_map_t *m, uint32_t dev, uint32_t dgen, uint64_
         return 1;                    /* DEAD (or never published again) */
     if (rc < 0)
         return 0;                    /* a writer in the way: next pass */
-    uint64_t stop = PRES_LIVE_EXPIRY(s.live);
-    if (PRES_LIVE_STATE(s.live) == PRES_DS_DISCONNECTED) {
-        int64_t mono = (int64_t)s.c.ended - pa_load(&m->hdr->wall_offset_ms);
-        stop = mono > 0 ? (uint64_t)mono : 0;
-    }
-    return stop + MARGIN_MS <= nm;
+    if (PRES_LIVE_STATE(s.live) == PRES_DS_CONNECTED && PRES_LIVE_EXPIRY(s.live) > nm)
+        return 0;
+    return pres__dev_stopped_at(m, &s) + MARGIN_MS <= nm;
 }
 
 /* Does record i (LIVE, word w) no longer count? */

@@ -262,6 +262,10 @@ typedef struct {
 } pres_snap_t;
 
 PRES_HIDDEN int  pres__dev_snap(const pres_map_t *m, uint32_t i, pres_snap_t *s);
+/* The monotonic instant a device that is not connected stopped being
+ * connected: its disconnect, or its expiry (also when a disconnect came
+ * after the TTL had passed). */
+PRES_HIDDEN uint64_t pres__dev_stopped_at(const pres_map_t *m, const pres_snap_t *s);
 PRES_HIDDEN void pres__dev_info(const pres_map_t *m, uint32_t i, const pres_snap_t *s,
                                 uint64_t now_mono, uint64_t now_wall,
                                 pres_device_info_t *out);

@@ -25,8 +25,9 @@
 
 #define AGG_SEEN_MAX 256
 
-/* The monotonic instant a device stopped being connected. */
-static uint64_t stopped_at(const pres_map_t *m, const pres_snap_t *s)
+/* The monotonic instant a device (not connected now) stopped being
+ * connected. */
+uint64_t pres__dev_stopped_at(const pres_map_t *m, const pres_snap_t *s)
 {
     uint64_t exp = PRES_LIVE_EXPIRY(s->live);
     if (PRES_LIVE_STATE(s->live) == PRES_DS_DISCONNECTED) {
@@ -107,7 +108,7 @@ int pres__user_agg(const pres_map_t *m, uint32_t u, uint64_t nm, uint64_t nw, pr
             }
             continue;
         }
-        uint64_t stop = stopped_at(m, &s);
+        uint64_t stop = pres__dev_stopped_at(m, &s);
         uint64_t seen_ms = PRES_LIVE_STATE(s.live) == PRES_DS_DISCONNECTED
                                ? s.c.ended
                                : pres__wall_of(m, exp > s.ttl ? exp - s.ttl : 0);
