@@ -470,6 +470,69 @@ static void test_mirror_matches_region(void **state)
     stopped_lmdb_matches("after SIGTERM");
 }
 
+/* More changes than the ring of change notes holds, made while the daemon
+ * cannot read it (stopped): the notes are lost, the daemon knows it, and
+ * its sweep brings every change to LMDB all the same. */
+struct lost_arg { pres_t *p; uint64_t before; };
+
+static int notes_were_lost(void *arg)
+{
+    struct lost_arg *a = arg;
+    return pa_load(&a->p->m.hdr->dc.notes_lost) > a->before;
+}
+
+static void test_notes_overflow(void **state)
+{
+    (void)state;
+    enum { DEVS = 64, EARLY = 16 };
+    start(SMALL);
+    pres_t *p = open_h(PRES_RDWR);
+    char d[32], u[32], g[32];
+    for (unsigned i = 0; i < DEVS; i++) {
+        snprintf(d, sizeof d, "no_d%u", i);
+        snprintf(u, sizeof u, i < EARLY ? "no_u%u" : "no_s%u", i);
+        assert_rc(pres_connect(p, u, d, "no_g0", LONG_TTL, NULL), 0);
+    }
+    wait_lmdb_matches(p, "before the overflow");
+    struct lost_arg la = { p, pa_load(&p->m.hdr->dc.notes_lost) };
+    uint64_t ring = p->m.note_mask + 1;
+    assert_int_equal(kill(S.pid, SIGSTOP), 0);
+    /* First changes whose notes the storm below will overwrite: only the
+     * daemon's sweep can find them. */
+    for (unsigned i = 0; i < EARLY; i++) {
+        snprintf(d, sizeof d, "no_d%u", i);
+        snprintf(u, sizeof u, "no_u%u", i);
+        if (i % 2)
+            assert_rc(pres_disconnect(p, d), 0);
+        else
+            assert_rc(pres_connect(p, u, d, "no_g_early", LONG_TTL, NULL), 0);
+    }
+    const char *deny[] = { "no_nosy" };
+    pres_privacy_t pol = { .last_seen = PRES_CONTACTS, .online = PRES_EVERYONE,
+                           .deny = deny, .n_deny = 1 };
+    assert_rc(pres_set_privacy(p, "no_u0", &pol), 0);
+    /* Then more notes than the ring holds, on other devices and users: a
+     * device disconnected and connected again, on another gateway each
+     * round. */
+    for (uint64_t k = 0; k < ring + 1000; k++) {
+        unsigned i = EARLY + (unsigned)(k % (DEVS - EARLY));
+        unsigned round = (unsigned)(k / (DEVS - EARLY));
+        snprintf(d, sizeof d, "no_d%u", i);
+        snprintf(u, sizeof u, "no_s%u", i);
+        snprintf(g, sizeof g, "no_g%u", round % 3);
+        if (round & 1)
+            assert_rc(pres_connect(p, u, d, g, LONG_TTL, NULL), 0);
+        else
+            assert_rc(pres_disconnect(p, d), 0);
+    }
+    assert_int_equal(kill(S.pid, SIGCONT), 0);
+    if (!th_wait_until(notes_were_lost, &la, WAIT_MS))
+        fail_msg("%llu notes written past a ring of %llu, and none counted lost",
+                 (unsigned long long)ring + 1000 + EARLY + 1, (unsigned long long)ring);
+    wait_lmdb_matches(p, "after the overflow");
+    pres_close(p);
+}
+
 /* ------------------------------------------------------------------------ */
 /* Crash: kill -9 of the daemon during a write storm, 20 times               */
 
@@ -1175,6 +1238,7 @@ int main(void)
 #define T(f) cmocka_unit_test_teardown(f, teardown)
     const struct CMUnitTest tests[] = {
         T(test_mirror_matches_region),
+        T(test_notes_overflow),
         T(test_crash_during_storm),
         T(test_cold_rebuild),
         T(test_rebuild_leaves_old_devices),
